@@ -1,0 +1,5 @@
+"""`python -m aisandbox`."""
+
+from aisandbox.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""Typed server settings, loaded once and passed down.
+
+`aisandbox serve` turns its flags into `AISANDBOX_*` environment variables before it starts gunicorn, so each
+forked worker loads the very same settings in `aisandbox.http.asgi`. Nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEFAULT_MODEL_NAME", "ServerSettings"]
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "aisandbox"
+
+
+class ServerSettings(BaseSettings):
+    """Everything `aisandbox serve` can be told."""
+
+    model_config = SettingsConfigDict(env_prefix="AISANDBOX_", extra="ignore", frozen=True)
+
+    host: str = "0.0.0.0"
+    """Address to bind."""
+    port: int = Field(default=8000, ge=0, le=65535)
+    """Port to bind (0 picks a free one, for tests)."""
+    workers: int = Field(default=1, ge=1, le=64)
+    """gunicorn workers: one per GPU; each loads its own engine."""
+    model: Path | None = None
+    """A local Hugging Face causal-LM folder for the torch backend; None serves the default SmolLM2."""
+    engine_dir: Path | None = None
+    """A TensorRT-LLM engine folder built by `aisandbox build-engine`; selects the trtllm backend."""
+    served_model_name: str | None = None
+    """The model id clients send and see; defaults to the model folder's name."""
+    tokenizer_mode: Literal["auto", "hf", "mistral"] = "auto"
+    """`auto` uses mistral-common where the folder has a Mistral tokenizer file."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """torch backend device; auto picks CUDA when available."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """torch backend weights and KV dtype; auto is bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16, else float32."""
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    """Most sequences decoded together (torch backend)."""
+    max_prefill_tokens: int = Field(default=2048, ge=16)
+    """Most prompt tokens prefilled in one engine step, so running streams keep flowing."""
+    max_model_len: int | None = Field(default=None, ge=16)
+    """Cap on the context window; default the model's own."""
+    max_queue: int = Field(default=256, ge=1)
+    """Waiting requests beyond which new ones get 429."""
+    max_n: int = Field(default=16, ge=1, le=128)
+    """Largest `n` a request may ask for."""
+    api_key: str | None = None
+    """When set, every /v1 request must carry `Authorization: Bearer <api_key>`."""
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    """Where the converted default model is kept."""
+    threads: int | None = Field(default=None, ge=1)
+    """torch intra-op threads on CPU; default all cores."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level of the server and the engine."""
+    graceful_timeout_s: int = Field(default=30, ge=1)
+    """Seconds gunicorn waits for running requests on SIGTERM."""
+
+    @model_validator(mode="after")
+    def _one_model_source(self) -> ServerSettings:
+        if self.model is not None and self.engine_dir is not None:
+            raise ValueError("give either --model (torch backend) or --engine (trtllm backend), not both")
+        return self
+
+    @property
+    def backend(self) -> Literal["torch", "trtllm"]:
+        """Which backend serves: trtllm for an engine folder, else torch."""
+        return "trtllm" if self.engine_dir is not None else "torch"
+
+    @property
+    def model_name(self) -> str:
+        """The id clients use for the served model."""
+        if self.served_model_name:
+            return self.served_model_name
+        source = self.engine_dir or self.model
+        return source.resolve().name if source is not None else DEFAULT_MODEL_NAME
