@@ -10,6 +10,7 @@ __all__ = [
     "AisandboxError",
     "ContextLengthExceeded",
     "EngineDead",
+    "EngineError",
     "EngineNotReady",
     "InvalidRequest",
     "ModelNotFound",
@@ -81,3 +82,7 @@ class EngineDead(AisandboxError):
 
     def __init__(self, message: str = "The engine has failed.") -> None:
         super().__init__(message, code="engine_unavailable")
+
+
+class EngineError(AisandboxError):
+    """The engine failed one request unexpectedly (a bug or a resource failure), not the whole engine."""

@@ -72,6 +72,8 @@ class TokenDelta:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
     """Set on the last delta of a sequence."""
+    stop_token_id: int | None = None
+    """The EOS or stop token that ended the sequence: the last of token_ids, counted but never shown as text."""
     error: str | None = None
     """Set when the engine failed this request; finish_reason is ABORT then."""
 

@@ -1,0 +1,126 @@
+"""Map errors to HTTP status codes and OpenAI's error envelope, in one place."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import falcon
+from pydantic import ValidationError
+
+from aisandbox.errors import (
+    AisandboxError,
+    EngineDead,
+    EngineError,
+    EngineNotReady,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+)
+from aisandbox.http.schemas import error_body
+
+__all__ = ["error_response", "from_validation_error", "register_error_handlers"]
+
+log = logging.getLogger(__name__)
+
+# error class -> (HTTP status, OpenAI error type); the first match in this order wins.
+_MAP: tuple[tuple[type[AisandboxError], int, str], ...] = (
+    (ModelNotFound, 404, "invalid_request_error"),
+    (InvalidRequest, 400, "invalid_request_error"),
+    (Overloaded, 429, "rate_limit_error"),
+    (EngineNotReady, 503, "server_error"),
+    (EngineDead, 503, "server_error"),
+    (EngineError, 500, "server_error"),
+)
+
+
+class Unauthorized(AisandboxError):
+    """A missing or wrong API key."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.", code="invalid_api_key"
+        )
+
+
+def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
+    """('messages', 0, 'role') -> 'messages[0].role'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).startswith(("function-", "constrained-", "str", "list[", "int", "float", "bool")):
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
+def from_validation_error(exc: ValidationError) -> InvalidRequest:
+    """Turn pydantic's first complaint into an OpenAI-shaped invalid request."""
+    err = exc.errors(include_url=False)[0]
+    loc = tuple(err.get("loc", ()))
+    param = _loc_to_param(loc)
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        name = str(loc[-1]) if loc else "?"
+        return InvalidRequest(
+            f"Unrecognized request argument supplied: {name}", param=param, code="unknown_parameter"
+        )
+    if kind == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    code = "invalid_type" if kind.endswith("_type") or kind.endswith("_parsing") else "invalid_value"
+    if param:
+        message = f"Invalid value for '{param}': {message}"
+    return InvalidRequest(message, param=param, code=code)
+
+
+def error_response(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, body and extra headers for any exception; unexpected ones become a logged 500."""
+    if isinstance(exc, ValidationError):
+        exc = from_validation_error(exc)
+    if isinstance(exc, Unauthorized):
+        return 401, error_body(exc.message, "invalid_request_error", None, exc.code), {}
+    for cls, status, type_ in _MAP:
+        if isinstance(exc, cls):
+            headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else {}
+            return status, error_body(exc.message, type_, exc.param, exc.code), headers
+    log.error("unexpected error", exc_info=exc)
+    return 500, error_body("The server had an error while processing your request.", "server_error"), {}
+
+
+def register_error_handlers(app: falcon.asgi.App) -> None:
+    """Send every error, Falcon's own included, in OpenAI's envelope."""
+
+    async def handle(req: falcon.asgi.Request, resp: falcon.asgi.Response, exc: BaseException, params: Any) -> None:
+        status, body, headers = error_response(exc)
+        resp.status = status
+        resp.media = body
+        resp.set_headers(headers)
+
+    async def handle_falcon(
+        req: falcon.asgi.Request, resp: falcon.asgi.Response, exc: falcon.HTTPError, params: Any
+    ) -> None:
+        if isinstance(exc, falcon.MediaMalformedError | falcon.MediaNotFoundError):
+            body = error_body(
+                "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
+                "HTTP library correctly. The OpenAI API expects a JSON payload.)",
+                "invalid_request_error",
+                None,
+                "invalid_json",
+            )
+            resp.status = 400
+        else:
+            status = exc.status_code
+            type_ = "invalid_request_error" if status < 500 else "server_error"
+            message = exc.description or exc.title or "error"
+            if status == 404:
+                message = f"Invalid URL ({req.method} {req.path})"
+            elif status == 405:
+                message = f"Method {req.method} is not allowed for {req.path}"
+            body = error_body(message, type_, None, None)
+            resp.status = status
+            resp.set_headers(exc.headers or {})
+        resp.media = body
+
+    app.add_error_handler(Exception, handle)
+    app.add_error_handler(falcon.HTTPError, handle_falcon)

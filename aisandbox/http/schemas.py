@@ -1,0 +1,378 @@
+"""OpenAI wire models: every request and response body the server speaks, in one module.
+
+Requests are pydantic v2 models that forbid unknown fields (OpenAI's `unknown_parameter`), refuse known
+OpenAI fields that this server cannot honour (`unsupported_parameter`, never silently ignored), and convert
+themselves into the runtime's own `SamplingParams` in one method. Responses are built as plain dicts by the
+small functions at the end, since they sit on the per-token hot path; their shapes follow OpenAI's spec
+and the tests validate them against it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+
+from aisandbox.errors import InvalidRequest, UnsupportedParameter
+from aisandbox.runtime.types import SamplingParams
+
+__all__ = [
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "chat_chunk",
+    "chat_response",
+    "completion_chunk",
+    "completion_response",
+    "error_body",
+    "model_card",
+    "usage",
+]
+
+Number = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StreamOptions(_Strict):
+    """`stream_options`."""
+
+    include_usage: StrictBool = False
+    """Send a last chunk with empty choices and the usage of the whole request."""
+    include_obfuscation: StrictBool | None = None
+    """Accepted; no obfuscation padding is ever sent."""
+    continuous_usage_stats: StrictBool = False
+    """vLLM's extension: usage on every chunk (accepted, not sent)."""
+
+
+class TextPart(_Strict):
+    """A text content part."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    """One message of a conversation."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def text(self, index: int) -> str:
+        """The content as one string; non-text parts are refused."""
+        if self.content is None:
+            if self.role == "assistant":
+                return ""
+            raise InvalidRequest(f"messages[{index}].content is required", param=f"messages[{index}].content")
+        if isinstance(self.content, str):
+            return self.content
+        pieces = []
+        for j, part in enumerate(self.content):
+            kind = part.get("type")
+            if kind in ("text", "input_text") and isinstance(part.get("text"), str):
+                pieces.append(part["text"])
+            elif kind == "refusal":
+                pieces.append(str(part.get("refusal", "")))
+            else:
+                raise UnsupportedParameter(
+                    f"messages[{index}].content[{j}]",
+                    f"Content parts of type '{kind}' are not supported by this text-only model.",
+                )
+        return "\n".join(pieces)
+
+
+class _SamplingFields(_Strict):
+    """Fields common to chat and legacy completions."""
+
+    model: str
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    temperature: Annotated[Number, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[Number, Field(gt=0.0, le=1.0)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=128)] = 1
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: StrictInt | None = None
+    user: str | None = None
+    frequency_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = None
+    presence_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = None
+    logit_bias: dict[str, Number] | None = None
+    # Self-hosted extensions, as vLLM accepts them.
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
+    """-1 or 0 disables top-k."""
+    min_p: Annotated[Number, Field(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[Number, Field(gt=0.0, le=10.0)] | None = None
+    min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
+    ignore_eos: StrictBool = False
+    stop_token_ids: list[StrictInt] | None = None
+
+    @model_validator(mode="after")
+    def _check_common(self) -> _SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("The 'stream_options' parameter is only allowed when 'stream' is enabled.")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                raise UnsupportedParameter(name, f"'{name}' is not supported; use 'repetition_penalty'.")
+        if self.logit_bias:
+            raise UnsupportedParameter("logit_bias")
+        return self
+
+    @property
+    def stop_list(self) -> tuple[str, ...]:
+        """`stop` as a tuple."""
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed response ends with a usage chunk."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> int | None:
+        """The completion limit the client asked for, if any."""
+        return self.max_tokens
+
+    def to_sampling_params(self, max_tokens: int, choice_index: int = 0) -> SamplingParams:
+        """Convert to the runtime's SamplingParams for one choice.
+
+        Args:
+            max_tokens: Resolved against the context window by the caller.
+            choice_index: With a seed and n > 1, each choice samples with seed + index so that choices differ
+                and the response stays reproducible.
+        """
+        temperature = 1.0 if self.temperature is None else self.temperature
+        if self.min_tokens > max_tokens:
+            raise InvalidRequest(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({max_tokens}).",
+                param="min_tokens",
+                code="invalid_value",
+            )
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(0, self.top_k or 0),
+            min_p=self.min_p or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            seed=None if self.seed is None else self.seed + choice_index,
+            stop=self.stop_list,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+        )
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """`POST /v1/chat/completions`."""
+
+    messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    # Accepted: they do not change what is generated.
+    metadata: dict[str, str] | None = None
+    store: StrictBool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    moderation: Any = None
+    modalities: list[Literal["text"]] | None = None
+    # Known OpenAI fields we refuse unless they ask for the default.
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: Any = None
+
+    @model_validator(mode="after")
+    def _check_chat(self) -> ChatCompletionRequest:
+        if self.logprobs or self.top_logprobs:
+            raise UnsupportedParameter("logprobs", "'logprobs' is not supported by this server yet.")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise UnsupportedParameter(name, f"'{name}' (tool calling) is not supported by this server yet.")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise UnsupportedParameter("tool_choice")
+        if self.function_call not in (None, "none", "auto"):
+            raise UnsupportedParameter("function_call")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise UnsupportedParameter("response_format", "Only response_format {'type': 'text'} is supported.")
+        for name in ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options"):
+            if getattr(self, name) is not None:
+                raise UnsupportedParameter(name)
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        """`max_completion_tokens` wins over the older `max_tokens`."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def conversation(self) -> list[dict[str, str]]:
+        """Messages flattened to {"role", "content"} text, with `developer` as `system`."""
+        out = []
+        for i, message in enumerate(self.messages):
+            role = "system" if message.role == "developer" else message.role
+            item: dict[str, Any] = {"role": role, "content": message.text(i)}
+            if message.tool_call_id is not None:
+                item["tool_call_id"] = message.tool_call_id
+            out.append(item)
+        return out
+
+
+class CompletionRequest(_SamplingFields):
+    """`POST /v1/completions` (legacy)."""
+
+    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[StrictInt], Field(min_length=1)] | Annotated[
+        list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)
+    ]
+    best_of: Annotated[StrictInt, Field(ge=1)] | None = None
+    echo: StrictBool = False
+    logprobs: StrictInt | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if value == "" or value == []:
+            raise ValueError("prompt must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _check_completion(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.n:
+            raise UnsupportedParameter("best_of", "'best_of' other than n is not supported.")
+        if self.logprobs is not None:
+            raise UnsupportedParameter("logprobs", "'logprobs' is not supported by this server yet.")
+        if self.suffix:
+            raise UnsupportedParameter("suffix")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) as a list of texts or token-id lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+# ---- responses (plain dicts: they are built per token) ----
+
+
+def new_id(prefix: str) -> str:
+    """A response id such as chatcmpl-3f2a...."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    """Unix seconds, for `created`."""
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """The `usage` object."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def chat_response(
+    rid: str, created: int, model: str, choices: list[tuple[str, str]], use: dict[str, int]
+) -> dict[str, Any]:
+    """A whole chat completion; choices are (text, finish_reason) by index."""
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": reason,
+            }
+            for i, (text, reason) in enumerate(choices)
+        ],
+        "usage": use,
+    }
+
+
+def chat_chunk(
+    rid: str, created: int, model: str, index: int, delta: dict[str, Any], finish_reason: str | None
+) -> dict[str, Any]:
+    """One streamed chat chunk for one choice."""
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def usage_chunk(rid: str, created: int, model: str, obj: str, use: dict[str, int]) -> dict[str, Any]:
+    """The last chunk of a stream with include_usage: no choices, the whole request's usage."""
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": use}
+
+
+def completion_response(
+    rid: str, created: int, model: str, choices: list[tuple[str, str]], use: dict[str, int]
+) -> dict[str, Any]:
+    """A whole legacy completion; choices are (text, finish_reason) by index."""
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+            for i, (text, reason) in enumerate(choices)
+        ],
+        "usage": use,
+    }
+
+
+def completion_chunk(
+    rid: str, created: int, model: str, index: int, text: str, finish_reason: str | None
+) -> dict[str, Any]:
+    """One streamed legacy-completion chunk for one choice."""
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def model_card(model_id: str, created: int, max_model_len: int | None = None) -> dict[str, Any]:
+    """One entry of /v1/models."""
+    card: dict[str, Any] = {"id": model_id, "object": "model", "created": created, "owned_by": "aisandbox"}
+    if max_model_len is not None:
+        card["max_model_len"] = max_model_len
+    return card
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The OpenAI error envelope."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

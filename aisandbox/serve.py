@@ -1,0 +1,122 @@
+"""`aisandbox serve` and `aisandbox prepare-model`.
+
+`serve` resolves the settings, makes sure the model is there (converting the default model once, or checking
+a TensorRT-LLM engine folder against this machine), exports the settings as AISANDBOX_* variables and then
+replaces itself with gunicorn, so that SIGTERM reaches gunicorn's master directly and drains the workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from aisandbox.settings import ServerSettings
+
+__all__ = ["add_arguments", "add_prepare_arguments", "gunicorn_argv", "run", "run_prepare", "settings_env"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `aisandbox serve`; each overrides the AISANDBOX_* variable of the same name."""
+    p.add_argument("--host", help="address to bind (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--model", type=Path, help="a local Hugging Face causal-LM folder (torch backend)")
+    p.add_argument("--engine", dest="engine_dir", type=Path, help="a TensorRT-LLM engine folder (trtllm backend)")
+    p.add_argument("--served-model-name", help="the model id clients use (default: the folder's name)")
+    p.add_argument("--workers", type=int, help="gunicorn workers, one per GPU (default 1)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--tokenizer-mode", choices=["auto", "hf", "mistral"])
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--max-queue", type=int, help="waiting requests beyond which new ones get 429")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--cache-dir", type=Path, help="where the converted default model is kept")
+
+
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `aisandbox prepare-model`."""
+    p.add_argument("--cache-dir", type=Path, help="where to keep the converted model")
+
+
+def _settings(args: argparse.Namespace) -> ServerSettings:
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "command"}
+    return ServerSettings(**given)
+
+
+def settings_env(settings: ServerSettings) -> dict[str, str]:
+    """The settings as AISANDBOX_* variables, for the gunicorn workers to load again."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"AISANDBOX_{name.upper()}"] = str(value)
+    return env
+
+
+def gunicorn_argv(settings: ServerSettings) -> list[str]:
+    """gunicorn's command line: uvicorn workers, no preload (engines start after the fork)."""
+    return [
+        sys.executable, "-m", "gunicorn", "aisandbox.http.asgi:app",
+        "--worker-class", "uvicorn_worker.UvicornWorker",
+        "--workers", str(settings.workers),
+        "--bind", f"{settings.host}:{settings.port}",
+        "--graceful-timeout", str(settings.graceful_timeout_s),
+        "--timeout", "120",
+        "--keep-alive", "75",
+        "--log-level", settings.log_level,
+    ]  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prepare the model, then exec gunicorn."""
+    try:
+        settings = _settings(args)
+    except ValidationError as exc:
+        print(f"aisandbox serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    extra: dict[str, Any] = {}
+    if settings.backend == "trtllm":
+        from aisandbox.runtime.trtllm_backend import check_engine_dir
+
+        try:
+            check_engine_dir(settings.engine_dir)  # type: ignore[arg-type]
+        except Exception as exc:  # any reason the engine cannot load here is the operator's to read
+            print(f"aisandbox serve: cannot serve {settings.engine_dir}: {exc}", file=sys.stderr)
+            return 2
+    elif settings.model is None:
+        from aisandbox.runtime.default_model import prepare_default_model
+
+        try:
+            extra["model"] = prepare_default_model(settings.cache_dir)
+        except FileNotFoundError as exc:
+            print(f"aisandbox serve: {exc}", file=sys.stderr)
+            return 2
+        extra["served_model_name"] = settings.model_name
+    elif not (settings.model / "config.json").is_file():
+        print(f"aisandbox serve: {settings.model} is not a Hugging Face model folder (no config.json)", file=sys.stderr)
+        return 2
+    if extra:
+        settings = settings.model_copy(update=extra)
+    env = {**os.environ, **settings_env(settings)}
+    print(
+        f"aisandbox: serving {settings.model_name} ({settings.backend}) on http://{settings.host}:{settings.port}/v1",
+        flush=True,
+    )
+    argv = gunicorn_argv(settings)
+    os.execve(argv[0], argv, env)
+    return 0  # not reached
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """Convert the default model into the cache and print its folder."""
+    from aisandbox.runtime.default_model import prepare_default_model
+
+    settings = ServerSettings(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
+    print(prepare_default_model(settings.cache_dir))
+    return 0
