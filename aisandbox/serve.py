@@ -59,8 +59,16 @@ def settings_env(settings: ServerSettings) -> dict[str, str]:
     return env
 
 
+def _has_control_socket() -> bool:
+    from gunicorn.config import KNOWN_SETTINGS
+
+    return any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS)
+
+
 def gunicorn_argv(settings: ServerSettings) -> list[str]:
     """gunicorn's command line: uvicorn workers, no preload (engines start after the fork)."""
+    # gunicorn >= 25 opens a control socket at one fixed path per user; two servers would fight over it.
+    extra = ["--no-control-socket"] if _has_control_socket() else []
     return [
         sys.executable, "-m", "gunicorn", "aisandbox.http.asgi:app",
         "--worker-class", "uvicorn_worker.UvicornWorker",
@@ -70,6 +78,7 @@ def gunicorn_argv(settings: ServerSettings) -> list[str]:
         "--timeout", "120",
         "--keep-alive", "75",
         "--log-level", settings.log_level,
+        *extra,
     ]  # fmt: skip
 
 

@@ -43,20 +43,30 @@ class Unauthorized(AisandboxError):
         )
 
 
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
+def _is_union_tag(part: str) -> bool:
+    """Whether a loc part names a union member (pydantic's 'list[str]', 'constrained-int') rather than a field."""
+    return part in _UNION_TAGS or "[" in part or part.startswith(("function-", "constrained-", "json-or-python"))
+
+
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     """('messages', 0, 'role') -> 'messages[0].role'."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not str(part).startswith(("function-", "constrained-", "str", "list[", "int", "float", "bool")):
+        elif not _is_union_tag(str(part)):
             out += f".{part}" if out else str(part)
     return out or None
 
 
 def from_validation_error(exc: ValidationError) -> InvalidRequest:
     """Turn pydantic's first complaint into an OpenAI-shaped invalid request."""
-    err = exc.errors(include_url=False)[0]
+    errors = exc.errors(include_url=False)
+    # For a union (str | list[str]) pydantic lists one complaint per member; the value complaint says more.
+    err = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
     loc = tuple(err.get("loc", ()))
     param = _loc_to_param(loc)
     kind = err.get("type", "")
