@@ -26,6 +26,7 @@ test: install
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: install
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	$(BIN)/python -m ruff check aisandbox tests
 	$(BIN)/python -m mypy
 

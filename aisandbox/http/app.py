@@ -26,7 +26,7 @@ from aisandbox.http.generation import ClientDisconnected, Fanout, start_choices
 from aisandbox.http.metrics import Metrics
 from aisandbox.runtime.engine import Engine
 from aisandbox.runtime.textgen import check_context
-from aisandbox.runtime.types import EngineState
+from aisandbox.runtime.types import EngineState, SamplingParams
 from aisandbox.settings import ServerSettings
 
 __all__ = ["DISCONNECT_KEY", "create_app"]
@@ -186,14 +186,12 @@ class _GenerateResource(_Base):
         if body.model != self.settings.model_name:
             raise ModelNotFound(body.model)
         if body.n > self.settings.max_n:
-            raise InvalidRequest(
-                f"n must be at most {self.settings.max_n}.", param="n", code="invalid_value"
-            )
+            raise InvalidRequest(f"n must be at most {self.settings.max_n}.", param="n", code="invalid_value")
         self._check_ready()
         prompts = self._prompts(body)
         max_len = self.engine.model_info.max_model_len
         asked = body.requested_max_tokens()
-        choices = []
+        choices: list[tuple[tuple[int, ...], SamplingParams]] = []
         for ids in prompts:
             max_tokens = check_context(len(ids), asked, max_len, self.prompt_param)
             choices.extend((ids, body.to_sampling_params(max_tokens, j)) for j in range(body.n))
@@ -230,9 +228,7 @@ class _GenerateResource(_Base):
         for reason in reasons:
             self.metrics.finished.labels(reason or "abort").inc()
 
-    def _response(
-        self, rid: str, created: int, choices: list[tuple[str, str]], use: dict[str, int]
-    ) -> dict[str, Any]:
+    def _response(self, rid: str, created: int, choices: list[tuple[str, str]], use: dict[str, int]) -> dict[str, Any]:
         raise NotImplementedError
 
     def _first_chunks(self, rid: str, created: int, count: int) -> list[dict[str, Any]]:
@@ -283,9 +279,7 @@ class ChatCompletionsResource(_GenerateResource):
     def _prompts(self, body: Any) -> list[tuple[int, ...]]:
         return [tuple(self.engine.tokenizer.encode_chat(body.conversation()))]
 
-    def _response(
-        self, rid: str, created: int, choices: list[tuple[str, str]], use: dict[str, int]
-    ) -> dict[str, Any]:
+    def _response(self, rid: str, created: int, choices: list[tuple[str, str]], use: dict[str, int]) -> dict[str, Any]:
         return schemas.chat_response(rid, created, self.settings.model_name, choices, use)
 
     def _first_chunks(self, rid: str, created: int, count: int) -> list[dict[str, Any]]:
@@ -321,9 +315,7 @@ class CompletionsResource(_GenerateResource):
                 out.append(tuple(p))
         return out
 
-    def _response(
-        self, rid: str, created: int, choices: list[tuple[str, str]], use: dict[str, int]
-    ) -> dict[str, Any]:
+    def _response(self, rid: str, created: int, choices: list[tuple[str, str]], use: dict[str, int]) -> dict[str, Any]:
         return schemas.completion_response(rid, created, self.settings.model_name, choices, use)
 
     def _chunk(self, rid: str, created: int, index: int, text: str, reason: str | None) -> dict[str, Any]:
@@ -345,4 +337,3 @@ def create_app(settings: ServerSettings, engine: Engine) -> DisconnectWatch:
     app.add_route("/v1/completions", CompletionsResource(*deps))
     register_error_handlers(app)
     return DisconnectWatch(app)
-

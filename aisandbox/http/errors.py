@@ -72,9 +72,7 @@ def from_validation_error(exc: ValidationError) -> InvalidRequest:
     kind = err.get("type", "")
     if kind == "extra_forbidden":
         name = str(loc[-1]) if loc else "?"
-        return InvalidRequest(
-            f"Unrecognized request argument supplied: {name}", param=param, code="unknown_parameter"
-        )
+        return InvalidRequest(f"Unrecognized request argument supplied: {name}", param=param, code="unknown_parameter")
     if kind == "missing":
         return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")

@@ -238,9 +238,12 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     """`POST /v1/completions` (legacy)."""
 
-    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[StrictInt], Field(min_length=1)] | Annotated[
-        list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)
-    ]
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[StrictInt], Field(min_length=1)]
+        | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)]
+    )
     best_of: Annotated[StrictInt, Field(ge=1)] | None = None
     echo: StrictBool = False
     logprobs: StrictInt | None = None

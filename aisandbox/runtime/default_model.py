@@ -37,7 +37,9 @@ def find_default_gguf() -> Path:
         files = sorted(Path(location).glob("*.gguf"))
         if files:
             return files[0]
-    raise FileNotFoundError(f"no .gguf file in the {DEFAULT_PACKAGE} package at {list(spec.submodule_search_locations)}")
+    raise FileNotFoundError(
+        f"no .gguf file in the {DEFAULT_PACKAGE} package at {list(spec.submodule_search_locations)}"
+    )
 
 
 def default_model_dir(cache_dir: Path) -> Path:

@@ -96,7 +96,7 @@ class MistralCommonTokenizer:
 
         self._mt = MistralTokenizer.from_file(str(tokenizer_file))
         self._inner = self._mt.instruct_tokenizer.tokenizer
-        self.eos_token_ids = (int(self._inner.eos_id),)
+        self.eos_token_ids: tuple[int, ...] = (int(self._inner.eos_id),)
         self.vocab_size = int(self._inner.n_words)
 
     def encode(self, text: str) -> list[int]:

@@ -364,7 +364,12 @@ class TorchEngine:
         self._dtype = dtype
         log.info(
             "loaded %s in %.1fs: %s on %s, context %d, %d threads",
-            cfg.model_path.name, time.monotonic() - t0, dtype, device, max_len, torch.get_num_threads(),
+            cfg.model_path.name,
+            time.monotonic() - t0,
+            dtype,
+            device,
+            max_len,
+            torch.get_num_threads(),
         )
 
     def _serve(self) -> None:

@@ -100,7 +100,6 @@ async def test_chat_non_stream(client: ASGIConductor, openapi_validate: Validate
     assert body["usage"]["completion_tokens"] == 16
 
 
-
 async def test_usage_counts_the_chat_template(client: ASGIConductor, tiny_mistral_dir: Path) -> None:
     from aisandbox.runtime.tokenizer import load_tokenizer
 
@@ -153,8 +152,10 @@ async def test_chat_stream_with_usage(client: ASGIConductor, openapi_validate: V
 
 
 async def test_completions(client: ASGIConductor, openapi_validate: Validate) -> None:
-    resp = await post(client, 
-        "/v1/completions", json={"model": MODEL, "prompt": ["one", "two"], "max_tokens": 5, "n": 2, "temperature": 0}
+    resp = await post(
+        client,
+        "/v1/completions",
+        json={"model": MODEL, "prompt": ["one", "two"], "max_tokens": 5, "n": 2, "temperature": 0},
     )
     assert resp.status_code == 200, resp.text
     openapi_validate(resp.json, "CreateCompletionResponse")
@@ -203,9 +204,7 @@ async def test_errors(
 
 
 async def test_malformed_json_and_unknown_route(client: ASGIConductor, openapi_validate: Validate) -> None:
-    resp = await post(client, 
-        "/v1/chat/completions", body=b"{not json", headers={"content-type": "application/json"}
-    )
+    resp = await post(client, "/v1/chat/completions", body=b"{not json", headers={"content-type": "application/json"})
     assert resp.status_code == 400 and resp.json["error"]["type"] == "invalid_request_error"
     openapi_validate(resp.json, "ErrorResponse")
     resp = await client.simulate_get("/v1/nothing")

@@ -69,7 +69,9 @@ async def test_seeded_sampling_is_reproducible(engine: TorchEngine) -> None:
     sp = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
     a, _ = await collect(engine, "a", [1, 5, 6], sp)
     b, _ = await collect(engine, "b", [1, 5, 6], sp)
-    c, _ = await collect(engine, "c", [1, 5, 6], SamplingParams(max_tokens=20, temperature=1.0, seed=8, ignore_eos=True))
+    c, _ = await collect(
+        engine, "c", [1, 5, 6], SamplingParams(max_tokens=20, temperature=1.0, seed=8, ignore_eos=True)
+    )
     assert a == b and a != c
 
 
@@ -77,7 +79,10 @@ async def test_stop_token_and_min_tokens(engine: TorchEngine) -> None:
     first, _ = await collect(engine, "probe", [1, 9, 9], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
     stop_at = first[2]
     tokens, reason = await collect(
-        engine, "s", [1, 9, 9], SamplingParams(max_tokens=5, temperature=0.0, stop_token_ids=(stop_at,), ignore_eos=True)
+        engine,
+        "s",
+        [1, 9, 9],
+        SamplingParams(max_tokens=5, temperature=0.0, stop_token_ids=(stop_at,), ignore_eos=True),
     )
     assert reason == "stop" and tokens[-1] == stop_at and len(tokens) == first.index(stop_at) + 1
     tokens, _ = await collect(
