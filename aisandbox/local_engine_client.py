@@ -21,7 +21,7 @@ from typing import Any
 from aisandbox.bench.client import GenerationOptions, Prompt, RequestError, StreamEvent, Usage
 from aisandbox.errors import AisandboxError
 from aisandbox.runtime.engine import Engine
-from aisandbox.runtime.loader import create_engine
+from aisandbox.runtime.loader import create_engine, resolve_model_path
 from aisandbox.runtime.textgen import check_context, stream_text
 from aisandbox.runtime.types import GenerationRequest, SamplingParams
 from aisandbox.settings import ServerSettings
@@ -102,7 +102,8 @@ class LocalEngineClient:
         return {
             "kind": "local",
             "endpoint": self.options.endpoint,
-            "settings": self.settings.model_dump(mode="json", exclude={"api_key"}),
+            "settings": self.settings.model_dump(mode="json", exclude={"api_key"}, exclude_none=True),
+            "model_path": str(self.settings.engine_dir or resolve_model_path(self.settings)),
             "max_model_len": self._engine.model_info.max_model_len,
             "versions": {p: _version(p) for p in ("aisandbox", "torch", "transformers")},
         }

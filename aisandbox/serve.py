@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-queue", type=int, help="waiting requests beyond which new ones get 429")
+    p.add_argument("--prefix-cache-mb", type=int, help="torch backend: KV memory for shared prompt prefixes")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

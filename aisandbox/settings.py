@@ -50,6 +50,8 @@ class ServerSettings(BaseSettings):
     """Most prompt tokens prefilled in one engine step, so running streams keep flowing."""
     max_model_len: int | None = Field(default=None, ge=16)
     """Cap on the context window; default the model's own."""
+    prefix_cache_mb: int = Field(default=256, ge=0)
+    """torch backend: memory for the KV of prompt prefixes reused across requests (0 disables)."""
     max_queue: int = Field(default=256, ge=1)
     """Waiting requests beyond which new ones get 429."""
     max_n: int = Field(default=16, ge=1, le=128)

@@ -17,12 +17,20 @@ import os
 import platform
 import re
 import sys
+import time
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from aisandbox.bench.client import GenerationOptions, HttpClient, HttpClientConfig, Prompt, RequestClient
+from aisandbox.bench.client import (
+    GenerationOptions,
+    HttpClient,
+    HttpClientConfig,
+    Prompt,
+    RequestClient,
+    RequestError,
+)
 from aisandbox.bench.metrics import compute_aggregates, parse_slo
 from aisandbox.bench.report import (
     BenchResult,
@@ -122,6 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--label", help="name of the run in tables, plots and file names")
     out.add_argument("--output", type=Path, help="result JSON (default: bench-results/LABEL.json)")
     out.add_argument("--slo", type=_slo, help="goodput SLOs, e.g. ttft=500ms,tpot=50ms")
+    out.add_argument("--plot-dir", type=Path, help="where the PNGs go (default: beside the result JSON)")
     out.add_argument("--no-plots", action="store_true", help="write no PNGs")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     out.add_argument("--compare", nargs="+", type=Path, metavar="JSON", help="render these result files side by side")
@@ -198,6 +207,15 @@ def _config(args: argparse.Namespace, options: GenerationOptions, limits: RunLim
     }
 
 
+async def _probe_until_ready(client: HttpClient, options: GenerationOptions, deadline: float) -> RequestError | None:
+    """Probe until the server stops answering 503 (still loading) or the deadline passes."""
+    while True:
+        error = await client.probe(options)
+        if error is None or error.status not in ("503", "connection") or time.monotonic() >= deadline:
+            return error
+        await asyncio.sleep(0.5)
+
+
 async def _http_client(args: argparse.Namespace, options: GenerationOptions, pool: int) -> HttpClient:
     """Connect, wait for the server, pick the model, and settle whether lengths can be fixed."""
     config = HttpClientConfig(args.base_url, args.api_key, pool, args.request_timeout)
@@ -211,7 +229,7 @@ async def _http_client(args: argparse.Namespace, options: GenerationOptions, poo
         plain = replace(options, fixed_length=False)
         if args.ignore_eos == "off":
             client.options = plain
-        error = await client.probe(client.options)
+        error = await _probe_until_ready(client, client.options, time.monotonic() + args.wait_ready)
         if error is not None and args.ignore_eos == "auto" and client.options.fixed_length:
             _notice(
                 f"server refused ignore_eos/min_tokens ({error.status}: {error.message[:120]}); output lengths vary"
@@ -286,7 +304,7 @@ def _compare(args: argparse.Namespace) -> int:
     if not args.no_plots:
         from aisandbox.bench.plots import plot_all
 
-        folder = args.output.parent if args.output else Path("bench-results")
+        folder = args.plot_dir or (args.output.parent if args.output else Path("bench-results"))
         for path in plot_all(results, folder, _slug(args.label or "compare")):
             _notice(f"wrote {path}")
     return 0
@@ -309,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plots:
         from aisandbox.bench.plots import plot_all
 
-        for path in plot_all([result], output.parent, output.stem):
+        for path in plot_all([result], args.plot_dir or output.parent, output.stem):
             _notice(f"wrote {path}")
     failed = sum(p.aggregates.failed for p in result.points)
     completed = sum(p.aggregates.completed for p in result.points)

@@ -109,7 +109,7 @@ async def _stream_into(client: RequestClient, prompt: Prompt, timeline: _Timelin
         async for event in events:
             if event.text:
                 timeline.pieces.append(event.text)
-                timeline.offsets.append(event.t - timeline.sent)
+                timeline.offsets.append(round(event.t - timeline.sent, 6))  # microseconds keep the file small
             if event.completion_tokens is not None:
                 timeline.engine_tokens = event.completion_tokens
             if event.usage is not None:
@@ -157,10 +157,10 @@ async def measure_request(
     output_tokens, source = _output_tokens(timeline)
     record = RequestRecord(
         index=index,
-        start_s=timeline.sent - origin,
+        start_s=round(timeline.sent - origin, 6),
         ttft_s=timeline.offsets[0] if timeline.offsets else None,
         chunk_offsets_s=timeline.offsets,
-        e2e_s=end - timeline.sent,
+        e2e_s=round(end - timeline.sent, 6),
         input_tokens=usage_in if usage_in is not None else prompt.input_len,
         output_tokens=output_tokens,
         token_source=source,

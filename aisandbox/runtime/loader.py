@@ -36,5 +36,6 @@ def create_engine(settings: ServerSettings) -> Engine:
             max_model_len=settings.max_model_len,
             max_queue=settings.max_queue,
             threads=settings.threads,
+            prefix_cache_mb=settings.prefix_cache_mb,
         )
     )

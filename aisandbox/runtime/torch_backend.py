@@ -13,6 +13,8 @@ batch. So this module schedules itself, with transformers still running the mode
   by moving the last row into it. Nothing is concatenated per step, and attention only spans the columns
   that some running row still uses.
 * The attention mask is built here, 4-D, and passed to the model as is; position ids are per row.
+* Prompt prefixes are cached in blocks of 16 tokens (chat templates share their system prompt), so a new
+  request copies their KV into its row and prefills only the rest.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import queue
 import random
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,7 @@ class TorchEngineConfig:
     max_model_len: int | None = None
     max_queue: int = 256
     threads: int | None = None
+    prefix_cache_mb: int = 256
 
 
 class _PrepackedLinear(torch.nn.Module):
@@ -143,6 +146,59 @@ class _Seq:
         return self.request.sampling
 
 
+class _PrefixCache:
+    """KV of prompt prefixes, in blocks of BLOCK tokens, least recently used first out of a byte budget.
+
+    A block is keyed by a chained hash of every token up to its end, as in vLLM's automatic prefix caching,
+    so chat prompts that share a system prompt or a conversation's earlier turns skip that part of prefill.
+    """
+
+    BLOCK = 16
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.used = 0
+        self.hits = self.queries = 0
+        self._blocks: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def _keys(self, tokens: tuple[int, ...], upto: int) -> list[int]:
+        keys, h = [], 0
+        for end in range(self.BLOCK, upto + 1, self.BLOCK):
+            h = hash((h, tokens[end - self.BLOCK : end]))
+            keys.append(h)
+        return keys
+
+    def lookup(self, tokens: tuple[int, ...]) -> tuple[int, list[torch.Tensor]]:
+        """The longest cached prefix that leaves at least one token to run: (its length, its blocks)."""
+        if not self.budget:
+            return 0, []
+        found: list[torch.Tensor] = []
+        for key in self._keys(tokens, len(tokens) - 1):
+            block = self._blocks.get(key)
+            if block is None:
+                break
+            self._blocks.move_to_end(key)
+            found.append(block)
+        self.queries += len(tokens)
+        self.hits += len(found) * self.BLOCK
+        return len(found) * self.BLOCK, found
+
+    def store(self, tokens: tuple[int, ...], cached: int, read: Any) -> None:
+        """Keep the prompt's full blocks after the first `cached` tokens; read(lo, hi) returns their KV."""
+        if not self.budget:
+            return
+        for i, key in enumerate(self._keys(tokens, len(tokens))):
+            lo = i * self.BLOCK
+            if lo < cached or key in self._blocks:
+                continue
+            block = read(lo, lo + self.BLOCK)
+            self._blocks[key] = block
+            self.used += block.numel() * block.element_size()
+            while self.used > self.budget and self._blocks:
+                _, old = self._blocks.popitem(last=False)
+                self.used -= old.numel() * old.element_size()
+
+
 class _SlotKV:
     """Per-layer KV buffers shared by all running rows; duck-types transformers' `Cache.update`.
 
@@ -159,6 +215,7 @@ class _SlotKV:
         self.v: list[torch.Tensor] = [torch.empty(0) for _ in range(layers)]
         self.rows = slice(0, 0)
         self.write_col = self.lo = self.hi = 0
+        self.write_mask: torch.Tensor | None = None  # [rows, q] which query positions to store
 
     def ensure(self, rows: int, cols: int) -> None:
         """Grow the buffers (doubling) to hold at least rows x cols, keeping their contents."""
@@ -188,6 +245,17 @@ class _SlotKV:
             for buf in bufs:
                 buf[:rows, :, dst_lo : dst_lo + width] = buf[:rows, :, src_lo:src_hi].clone()
 
+    def read_block(self, row: int, lo: int, hi: int) -> torch.Tensor:
+        """Columns lo..hi of one row, all layers: [layers, 2, kv_heads, hi - lo, head_dim] (a copy)."""
+        return torch.stack([torch.stack((k[row, :, lo:hi], v[row, :, lo:hi])) for k, v in zip(self.k, self.v)])
+
+    def write_block(self, row: int, lo: int, block: torch.Tensor) -> None:
+        """Write a `read_block` result into one row from column lo."""
+        hi = lo + block.shape[3]
+        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+            k[row, :, lo:hi] = block[i, 0]
+            v[row, :, lo:hi] = block[i, 1]
+
     def memory_bytes(self) -> int:
         """Bytes held by all buffers."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -199,8 +267,14 @@ class _SlotKV:
         q = key_states.shape[-2]
         end = self.write_col + q
         kb, vb = self.k[layer_idx], self.v[layer_idx]
-        kb[self.rows, :, self.write_col : end] = key_states
-        vb[self.rows, :, self.write_col : end] = value_states
+        if self.write_mask is None:
+            kb[self.rows, :, self.write_col : end] = key_states
+            vb[self.rows, :, self.write_col : end] = value_states
+        else:
+            keep = self.write_mask[:, None, :, None]
+            for buf, new in ((kb, key_states), (vb, value_states)):
+                dst = buf[self.rows, :, self.write_col : end]
+                dst.copy_(torch.where(keep, new.to(dst.dtype), dst))
         return kb[self.rows, :, self.lo : self.hi], vb[self.rows, :, self.lo : self.hi]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -225,6 +299,7 @@ class TorchEngine:
         self._kv_usage = 0.0
         self._steps = 0
         self._handles: dict[str, RequestHandle] = {}
+        self._prefix = _PrefixCache(0)
 
     # ---- Engine protocol (event-loop side) ----
 
@@ -254,7 +329,10 @@ class TorchEngine:
             running=self._n_running,
             waiting=self._n_waiting,
             kv_cache_usage=self._kv_usage,
-            extra={"steps": float(self._steps)},
+            extra={
+                "steps": float(self._steps),
+                "prefix_cache_hit_ratio": self._prefix.hits / max(1, self._prefix.queries) if self._info else 0.0,
+            },
         )
 
     @property
@@ -359,6 +437,7 @@ class TorchEngine:
         head_dim = int(getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads)
         self._kv = _SlotKV(int(text_cfg.num_hidden_layers), kv_heads, head_dim, dtype, self._device)
         self._kv.max_rows = cfg.max_batch_size
+        self._prefix = _PrefixCache(cfg.prefix_cache_mb * 2**20)
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._dtype = dtype
@@ -461,38 +540,56 @@ class TorchEngine:
 
     def _prefill(self, group: list[_Seq], running: list[_Seq], out: list[tuple[RequestHandle, TokenDelta]]) -> None:
         kv, dev = self._kv, self._device
-        lengths = [len(s.request.prompt_token_ids) for s in group]
-        width = max(lengths)
+        prompts = [s.request.prompt_token_ids for s in group]
+        lengths = [len(p) for p in prompts]
+        hits = [self._prefix.lookup(p) for p in prompts]  # (cached tokens, their KV blocks) per row
+        cached = [h[0] for h in hits]
+        width = max(n - c for n, c in zip(lengths, cached, strict=True))  # query tokens to run
+        span = max(lengths)  # columns the group occupies
         if not running:
-            self._col = width
+            self._col = span
         elif self._col + 1 > kv.cols_cap:
             self._compact(running)
-        if running and self._col < width:
+        if running and self._col < span:
             # Make room on the left: move the running rows' columns right.
             lo = min(s.start_col for s in running)
-            shift = width - self._col
+            shift = span - self._col
             kv.ensure(len(running), self._col + shift + 1)
             kv.shift_cols(len(running), lo, self._col, lo + shift)
             for s in running:
                 s.start_col += shift
-            self._col = width
-        first_row, first_col = len(running), self._col - width
+            self._col = span
+        first_row, q_col, lo = len(running), self._col - width, self._col - span
         kv.ensure(first_row + len(group), self._col + 1)
         ids = torch.zeros((len(group), width), dtype=torch.long)
         pos = torch.zeros((len(group), width), dtype=torch.long)
-        pad = torch.tensor([width - n for n in lengths])
-        for i, (seq, n) in enumerate(zip(group, lengths, strict=True)):
-            ids[i, width - n :] = torch.tensor(seq.request.prompt_token_ids)
-            pos[i, width - n :] = torch.arange(n)
-            seq.start_col = first_col + width - n
-        # mask[row, 0, q, k]: k is a real token of this row and not after q; a padding query sees itself only.
-        q_idx = torch.arange(width)
-        causal = q_idx[None, :] <= q_idx[:, None]
-        real = q_idx[None, :] >= pad[:, None]
-        mask = (causal[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool)[None]
+        valid = torch.zeros((len(group), width), dtype=torch.bool)
+        starts = torch.tensor([self._col - n for n in lengths])
+        for i, (seq, n, (c, blocks)) in enumerate(zip(group, lengths, hits, strict=True)):
+            seq.start_col = self._col - n
+            ids[i, width - (n - c) :] = torch.tensor(prompts[i][c:])
+            pos[i, width - (n - c) :] = torch.arange(c, n)
+            valid[i, width - (n - c) :] = True
+            if c:
+                kv.write_block(first_row + i, seq.start_col, torch.cat(blocks, dim=3))
+        # mask[row, 0, q, k]: k is a token of this row and not after q; a padding query sees itself only.
+        q_abs = torch.arange(q_col, self._col)
+        k_abs = torch.arange(lo, self._col)
+        causal = k_abs[None, :] <= q_abs[:, None]
+        own = k_abs[None, :] >= starts[:, None]
+        mask = (causal[None] & own[:, None, :]) | (k_abs[None, :] == q_abs[:, None])[None]
         kv.rows = slice(first_row, first_row + len(group))
-        kv.write_col, kv.lo, kv.hi = first_col, first_col, self._col
-        logits = self._forward(ids.to(dev), pos.to(dev), mask[:, None].to(dev))
+        kv.write_col, kv.lo, kv.hi = q_col, lo, self._col
+        # Rows with fewer query tokens than the widest must not overwrite their cached prefix.
+        kv.write_mask = valid.to(dev) if any(cached) else None
+        try:
+            logits = self._forward(ids.to(dev), pos.to(dev), mask[:, None].to(dev))
+        finally:
+            kv.write_mask = None
+        for i, (seq, n, c) in enumerate(zip(group, lengths, cached, strict=True)):
+            self._prefix.store(prompts[i], c, lambda a, b, row=first_row + i, start=seq.start_col: kv.read_block(
+                row, start + a, start + b
+            ))
         running.extend(group)
         self._sample_and_emit(group, logits, running, out, first_row)
 

@@ -65,6 +65,25 @@ async def test_in_flight_batching_matches_reference(engine: TorchEngine, tiny_mi
     assert engine.stats().running == 0
 
 
+async def test_prefix_cache_matches_reference(engine: TorchEngine, tiny_mistral_dir: Path) -> None:
+    shared = [1] + list(range(300, 340))  # 41 tokens: two full cache blocks and a bit
+    prompts = [shared + list(range(500, 500 + k)) for k in (1, 9, 23)]
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    first, _ = await collect(engine, "warm", prompts[0], sp)  # caches the shared blocks
+    hits_before = engine._prefix.hits
+    results = await asyncio.gather(*(collect(engine, f"p{i}", p, sp) for i, p in enumerate(prompts)))
+    assert engine._prefix.hits - hits_before >= 3 * 32, "every prompt should reuse the two shared blocks"
+    assert results[0][0] == first
+    for (tokens, _), p in zip(results, prompts, strict=True):
+        assert tokens == reference_greedy(tiny_mistral_dir, p, 12)
+    # A later arrival with a cached prefix joins rows that are decoding.
+    long_run = asyncio.create_task(collect(engine, "bg", [1, 2, 3], SamplingParams(max_tokens=60, ignore_eos=True)))
+    await asyncio.sleep(0.1)
+    tokens, _ = await collect(engine, "late", prompts[2], sp)
+    assert tokens == results[2][0]
+    await long_run
+
+
 async def test_seeded_sampling_is_reproducible(engine: TorchEngine) -> None:
     sp = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
     a, _ = await collect(engine, "a", [1, 5, 6], sp)
