@@ -45,6 +45,15 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+_MARKER = "\x00text\x00"
+
+
+def _template(build: Callable[[str], dict[str, Any]]) -> tuple[str, str]:
+    """Split the JSON of build(marker) around the marker's encoding: (head, tail)."""
+    head, tail = _dumps(build(_MARKER)).split(_dumps(_MARKER))
+    return head, tail
+
+
 class DisconnectWatch:
     """ASGI wrapper that notices a client's disconnect at once.
 
@@ -241,13 +250,17 @@ class _GenerateResource(_Base):
         self, fan: Fanout, rid: str, created: int, body: Any, prompt_tokens: int
     ) -> AsyncIterator[falcon.asgi.SSEvent]:
         reasons = [""] * len(fan.streams)
+        # Text chunks differ only in their text: encode each choice's chunk once around a marker, then splice.
+        templates = [_template(lambda text, i=i: self._chunk(rid, created, i, text, None)) for i in range(len(reasons))]
         try:
             for chunk in self._first_chunks(rid, created, len(fan.streams)):
                 yield falcon.asgi.SSEvent(text=_dumps(chunk))
             async for index, delta in fan.events():
-                reason = delta.finish_reason.value if delta.finish_reason is not None else None
-                if reason is not None:
-                    reasons[index] = reason
+                if delta.finish_reason is None:
+                    head, tail = templates[index]
+                    yield falcon.asgi.SSEvent(text=head + _dumps(delta.text) + tail)
+                    continue
+                reasons[index] = reason = delta.finish_reason.value
                 yield falcon.asgi.SSEvent(text=_dumps(self._chunk(rid, created, index, delta.text, reason)))
             if body.include_usage:
                 use = schemas.usage(prompt_tokens, sum(fan.completion_tokens))
