@@ -79,6 +79,7 @@ def gunicorn_argv(settings: ServerSettings) -> list[str]:
         "--timeout", "120",
         "--keep-alive", "75",
         "--log-level", settings.log_level,
+        "--config", "python:aisandbox.gunicorn_hooks",
         *extra,
     ]  # fmt: skip
 
@@ -114,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     if extra:
         settings = settings.model_copy(update=extra)
     env = {**os.environ, **settings_env(settings)}
+    if settings.workers > 1 and (settings.backend == "trtllm" or settings.device == "cuda"):
+        env["AISANDBOX_PIN_GPUS"] = "1"  # one GPU per worker (aisandbox.gunicorn_hooks)
     print(
         f"aisandbox: serving {settings.model_name} ({settings.backend}) on http://{settings.host}:{settings.port}/v1",
         flush=True,

@@ -11,7 +11,7 @@ __all__ = ["create_engine", "resolve_model_path"]
 
 
 def resolve_model_path(settings: ServerSettings) -> Path:
-    """The torch backend's model folder: --model, or the converted default model."""
+    """The torch backend's model folder: --model, or the converted default model (converting it if needed)."""
     from aisandbox.runtime.default_model import prepare_default_model
 
     return settings.model if settings.model is not None else prepare_default_model(settings.cache_dir)
@@ -27,7 +27,8 @@ def create_engine(settings: ServerSettings) -> Engine:
 
     return TorchEngine(
         TorchEngineConfig(
-            model_path=resolve_model_path(settings),
+            model_path=settings.model,
+            cache_dir=settings.cache_dir,
             device=settings.device,
             dtype=settings.dtype,
             tokenizer_mode=settings.tokenizer_mode,

@@ -29,7 +29,7 @@ import random
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,10 @@ _INITIAL_COLS = 256
 class TorchEngineConfig:
     """What the torch engine needs to load and schedule."""
 
-    model_path: Path
+    model_path: Path | None
+    """A Hugging Face folder; None converts (once) and serves the default model."""
+    cache_dir: Path | None = None
+    """Where the default model is converted to."""
     device: str = "auto"
     dtype: str = "auto"
     tokenizer_mode: str = "auto"
@@ -402,6 +405,11 @@ class TorchEngine:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         cfg = self.config
+        if cfg.model_path is None:
+            from aisandbox.runtime.default_model import prepare_default_model
+
+            cfg = replace(cfg, model_path=prepare_default_model(cfg.cache_dir or Path.home() / ".cache" / "aisandbox"))
+        model_path: Path = cfg.model_path  # type: ignore[assignment]
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = cfg.device
@@ -409,9 +417,9 @@ class TorchEngine:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = pick_dtype(device, cfg.dtype)
         t0 = time.monotonic()
-        self._tokenizer = load_tokenizer(cfg.model_path, cfg.tokenizer_mode)  # type: ignore[arg-type]
-        hf_config = AutoConfig.from_pretrained(str(cfg.model_path))
-        model = AutoModelForCausalLM.from_pretrained(str(cfg.model_path), dtype=dtype, attn_implementation="sdpa")
+        self._tokenizer = load_tokenizer(model_path, cfg.tokenizer_mode)  # type: ignore[arg-type]
+        hf_config = AutoConfig.from_pretrained(str(model_path))
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype, attn_implementation="sdpa")
         model.to(device).eval()
         if device == "cpu" and dtype == torch.float32:
             with torch.inference_mode():
@@ -443,7 +451,7 @@ class TorchEngine:
         self._dtype = dtype
         log.info(
             "loaded %s in %.1fs: %s on %s, context %d, %d threads",
-            cfg.model_path.name,
+            model_path.name,
             time.monotonic() - t0,
             dtype,
             device,

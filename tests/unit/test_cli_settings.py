@@ -44,3 +44,42 @@ def test_runtime_does_not_import_http_or_falcon() -> None:
     for path in (root / "http").rglob("*.py"):
         text = path.read_text()
         assert "import torch" not in text and "tensorrt_llm" not in text, path
+
+
+class _Worker:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+
+class _Server:
+    def __init__(self) -> None:
+        self.WORKERS: dict[int, _Worker] = {}
+
+        class _Log:
+            def info(self, *args: object) -> None:
+                pass
+
+        self.log = _Log()
+
+
+def test_gunicorn_hooks_pin_one_gpu_per_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aisandbox import gunicorn_hooks
+
+    server = _Server()
+    workers = []
+    for pid in (10, 11, 12):
+        w = _Worker(pid)
+        gunicorn_hooks.pre_fork(server, w)
+        server.WORKERS[pid] = w
+        workers.append(w)
+    assert [w.aisandbox_slot for w in workers] == [0, 1, 2]  # type: ignore[attr-defined]
+    del server.WORKERS[11]  # worker 11 died; its replacement takes slot 1
+    new = _Worker(13)
+    gunicorn_hooks.pre_fork(server, new)
+    assert new.aisandbox_slot == 1  # type: ignore[attr-defined]
+    monkeypatch.setenv("AISANDBOX_PIN_GPUS", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    gunicorn_hooks.post_fork(server, new)
+    import os
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
