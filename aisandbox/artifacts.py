@@ -39,6 +39,7 @@ __all__ = [
     "MANIFEST_FILE",
     "MANIFEST_SCHEMA_VERSION",
     "SUPPORTED_TRTLLM",
+    "TRTLLM_MISSING_MESSAGE",
     "TOKENIZER_FILES",
     "TRTLLM_CONFIG_FILE",
     "DeviceInfo",
@@ -82,6 +83,12 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 """Files copied from the checkpoint into the engine dir, so `load_tokenizer(engine_dir)` works there."""
+
+TRTLLM_MISSING_MESSAGE = (
+    "tensorrt_llm is not installed here. TensorRT-LLM engines are built and served inside NVIDIA's TensorRT-LLM "
+    "release image (nvcr.io/nvidia/tensorrt-llm/release:1.2.1) on an NVIDIA GPU; see docs/deploy.md. "
+    "Without a GPU, serve a Hugging Face model with the torch backend instead (aisandbox serve --model DIR)."
+)
 
 _REBUILD_HINT = (
     "Rebuild the engine on this machine: aisandbox build-engine --checkpoint <hf-folder> --gpu auto "
@@ -294,11 +301,7 @@ def _parse_version(text: str) -> Version | None:
 def check_trtllm_version(installed: str | None) -> None:
     """Raise EngineIncompatible unless `installed` is a tensorrt_llm of the supported 1.2 line."""
     if installed is None:
-        raise EngineIncompatible(
-            "tensorrt_llm is not installed here. The trtllm backend runs inside NVIDIA's TensorRT-LLM "
-            f"{SUPPORTED_TRTLLM}.1 release image (nvcr.io/nvidia/tensorrt-llm/release:1.2.1); see docs/deploy.md. "
-            "Without a GPU, serve a model with the torch backend instead (aisandbox serve --model DIR)."
-        )
+        raise EngineIncompatible(TRTLLM_MISSING_MESSAGE)
     version = _parse_version(installed)
     if version is None:
         raise EngineIncompatible(f"cannot parse the installed tensorrt_llm version {installed!r}")

@@ -1,0 +1,353 @@
+"""The trtllm backend's plumbing with a fake tensorrt_llm LLM: loading, streaming, stop, abort, limits, stats."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import shutil
+import sys
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aisandbox.artifacts import (
+    DeviceInfo,
+    EngineDirError,
+    EngineIncompatible,
+    EngineManifest,
+    EngineProfile,
+    GpuNotFound,
+    LibraryVersions,
+    ModelSummary,
+    write_manifest,
+)
+from aisandbox.errors import ContextLengthExceeded, EngineDead, EngineNotReady, InvalidRequest, Overloaded
+from aisandbox.runtime.trtllm_backend import (
+    TrtllmEngine,
+    TrtllmEngineConfig,
+    check_engine_dir,
+    create_trtllm_engine,
+    final_delta,
+    parse_iteration_stats,
+)
+from aisandbox.runtime.types import (
+    EngineState,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenDelta,
+)
+from aisandbox.settings import ServerSettings
+
+H100 = DeviceInfo(0, "NVIDIA H100 80GB HBM3", "9.0", 81559 * 2**20, "580.65.06", "13.0")
+VERSIONS = LibraryVersions(tensorrt_llm="1.2.1", tensorrt="10.13.3.9")
+EOS = 2  # Mistral v3 tokenizer
+
+
+def make_engine_dir(path: Path, max_batch_size: int = 2, max_seq_len: int = 64) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text('{"pretrained_config": {}, "build_config": {}}')
+    tok = importlib.resources.files("mistral_common") / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+    with importlib.resources.as_file(tok) as src:
+        shutil.copy(src, path / "tokenizer.model.v3")
+    model = ModelSummary("MistralForCausalLM", "bfloat16", 32768, 64, 128, 2, 4, 2, 16, 2048, 4_000_000, "ab" * 32)
+    profile = EngineProfile("h100-sxm", "fp8", "fp8", max_batch_size, 256, 32, max_seq_len, 0.9)
+    write_manifest(
+        path, EngineManifest("cd" * 32, "2026-05-01T00:00:00+00:00", "0.1.0", model, profile, H100, VERSIONS)
+    )
+    return path
+
+
+@dataclass
+class Step:
+    token_ids_diff: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def outputs(self) -> list[Step]:
+        return [self]
+
+
+@dataclass
+class FakeOutput:
+    """Stands in for tensorrt_llm's RequestOutput: async-iterable steps, abort() ends with 'cancelled'."""
+
+    queue: asyncio.Queue[Step | Exception] = field(default_factory=asyncio.Queue)
+    aborted: bool = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.queue.put_nowait(Step([], "cancelled"))
+
+    def __aiter__(self) -> AsyncIterator[Step]:
+        return self._steps()
+
+    async def _steps(self) -> AsyncIterator[Step]:
+        while True:
+            step = await self.queue.get()
+            if isinstance(step, Exception):
+                raise step
+            yield step
+            if step.finish_reason is not None:
+                return
+
+
+class FakeRunner:
+    def __init__(self, script: list[Step] | None = None) -> None:
+        self.script = script
+        self.calls: list[tuple[list[int], dict[str, Any]]] = []
+        self.outputs: list[FakeOutput] = []
+        self.stats: list[dict[str, Any]] = []
+        self.shut_down = False
+        self.fail_with: Exception | None = None
+
+    def generate(self, prompt_token_ids: list[int], sampling: dict[str, Any]) -> FakeOutput:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.calls.append((prompt_token_ids, sampling))
+        out = FakeOutput()
+        for step in self.script or []:
+            out.queue.put_nowait(step)
+        self.outputs.append(out)
+        return out
+
+    async def _stats(self) -> AsyncIterator[Mapping[str, Any]]:
+        for stat in self.stats:
+            yield stat
+
+    def iteration_stats(self, timeout_s: float) -> AsyncIterator[Mapping[str, Any]]:
+        return self._stats()
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+
+def make_engine(
+    tmp_path: Path, runner: FakeRunner, *, versions: LibraryVersions = VERSIONS, max_queue: int = 1
+) -> TrtllmEngine:
+    return TrtllmEngine(
+        TrtllmEngineConfig(make_engine_dir(tmp_path / "engine"), max_queue=max_queue, stats_timeout_s=0.01),
+        runner_factory=lambda engine_dir, manifest: runner,
+        devices=lambda: [H100],
+        versions=lambda: versions,
+    )
+
+
+def request(rid: str = "r1", prompt: tuple[int, ...] = (1, 5, 6), **sampling: Any) -> GenerationRequest:
+    return GenerationRequest(rid, prompt, SamplingParams(**{"max_tokens": 8, **sampling}))
+
+
+async def collect(stream: Any) -> list[TokenDelta]:
+    return [delta async for delta in stream]
+
+
+def test_loads_in_the_background_then_streams_token_ids(tmp_path: Path) -> None:
+    runner = FakeRunner([Step([10, 11]), Step([12]), Step([], "stop")])
+
+    async def main() -> None:
+        engine = make_engine(tmp_path, runner)
+        assert engine.health().state is EngineState.LOADING
+        with pytest.raises(EngineNotReady):
+            engine.submit(request())
+        await engine.start()
+        assert (await engine.wait_ready(10)).ready
+        assert engine.model_info.max_model_len == 64
+        assert engine.model_info.eos_token_ids == (EOS,)
+        deltas = await collect(engine.submit(request(temperature=0.0)))
+        # (the collector may merge deltas a slow reader has not taken yet)
+        assert sum((d.token_ids for d in deltas), ()) == (10, 11, 12, EOS)
+        # EOS ends token_ids (tensorrt_llm may leave it out) and is named as the stop token
+        assert (deltas[-1].finish_reason, deltas[-1].stop_token_id) == (FinishReason.STOP, EOS)
+        assert all(d.finish_reason is None for d in deltas[:-1])
+        prompt, sampling = runner.calls[0]
+        assert prompt == [1, 5, 6]
+        assert sampling["max_tokens"] == 8 and sampling["end_id"] == EOS and sampling["detokenize"] is False
+        assert engine.stats().running == 0 and engine.stats().waiting == 0
+        await engine.shutdown()
+        assert runner.shut_down
+
+    asyncio.run(main())
+
+
+def test_aclose_aborts_the_engine_request(tmp_path: Path) -> None:
+    runner = FakeRunner([Step([10])])
+
+    async def main() -> None:
+        engine = make_engine(tmp_path, runner)
+        await engine.start()
+        await engine.wait_ready(10)
+        stream = engine.submit(request())
+        first = await stream.__anext__()
+        assert first == TokenDelta((10,))
+        assert engine.stats().running + engine.stats().waiting == 1
+        await stream.aclose()  # e.g. a stop string matched, or the client went away
+        assert runner.outputs[0].aborted
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert engine.stats().running == 0 and engine.stats().waiting == 0
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_limits_and_overload(tmp_path: Path) -> None:
+    runner = FakeRunner()  # requests never finish on their own
+
+    async def main() -> None:
+        engine = make_engine(tmp_path, runner, max_queue=1)
+        await engine.start()
+        await engine.wait_ready(10)
+        with pytest.raises(ContextLengthExceeded, match="at most 32 tokens"):
+            engine.submit(request(prompt=tuple(range(33))))
+        with pytest.raises(ContextLengthExceeded, match="maximum context length is 64"):
+            engine.submit(request(prompt=(1,) * 30, max_tokens=40))
+        with pytest.raises(InvalidRequest, match="empty"):
+            engine.submit(request(prompt=()))
+        streams = [engine.submit(request(f"r{i}")) for i in range(3)]  # 2 running (max_batch_size) + 1 waiting
+        with pytest.raises(InvalidRequest, match="Duplicate"):
+            engine.submit(request("r0"))
+        with pytest.raises(Overloaded):
+            engine.submit(request("r3"))
+        for stream in streams:
+            await stream.aclose()
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_an_engine_error_ends_only_that_request(tmp_path: Path) -> None:
+    runner = FakeRunner([Step([10]), RuntimeError("CUDA error: an illegal memory access")])  # type: ignore[list-item]
+
+    async def main() -> None:
+        engine = make_engine(tmp_path, runner)
+        await engine.start()
+        await engine.wait_ready(10)
+        deltas = await collect(engine.submit(request()))
+        assert deltas[-1].finish_reason is FinishReason.ABORT
+        assert "illegal memory access" in (deltas[-1].error or "")
+        assert engine.health().ready
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_failed_executor_kills_the_engine(tmp_path: Path) -> None:
+    runner = FakeRunner()
+
+    async def main() -> None:
+        engine = make_engine(tmp_path, runner)
+        await engine.start()
+        await engine.wait_ready(10)
+        runner.fail_with = RuntimeError("LLM is shutting down")
+        with pytest.raises(EngineDead):
+            engine.submit(request())
+        assert engine.health().state is EngineState.DEAD
+        with pytest.raises(EngineDead):
+            engine.submit(request())
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_mismatched_engine_is_dead_with_the_reason(tmp_path: Path) -> None:
+    async def main() -> None:
+        engine = make_engine(tmp_path, FakeRunner(), versions=LibraryVersions("1.3.0", "10.14.1"))
+        await engine.start()
+        health = await engine.wait_ready(10)
+        assert health.state is EngineState.DEAD
+        assert "removed in 1.3" in (health.reason or "")
+        with pytest.raises(EngineDead, match="removed in 1.3"):
+            engine.submit(request())
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_stats_come_from_the_executor_iteration_stats(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    runner.stats = [
+        {
+            "numActiveRequests": 1,
+            "numQueuedRequests": 0,
+            "kvCacheStats": {"maxNumBlocks": 100, "freeNumBlocks": 75, "usedNumBlocks": 25},
+        }
+    ]
+
+    async def main() -> None:
+        engine = make_engine(tmp_path, runner)
+        await engine.start()
+        await engine.wait_ready(10)
+        streams = [engine.submit(request(f"r{i}")) for i in range(2)]
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+        stats = engine.stats()
+        assert (stats.running, stats.waiting, stats.kv_cache_usage) == (1, 1, 0.25)
+        for stream in streams:
+            await stream.aclose()
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_parse_iteration_stats() -> None:
+    snap = parse_iteration_stats(
+        {"numActiveRequests": 5, "numQueuedRequests": 3, "kvCacheStats": {"maxNumBlocks": 1000, "freeNumBlocks": 400}}
+    )
+    assert (snap.active, snap.queued, snap.kv_cache_usage) == (5, 3, 0.6)
+    assert parse_iteration_stats({}).kv_cache_usage == 0.0
+
+
+def test_final_delta_mapping() -> None:
+    assert final_delta((4,), "length", None, EOS, 3) == TokenDelta((4,), FinishReason.LENGTH)
+    assert final_delta((4, EOS), "stop", None, EOS, 3) == TokenDelta((4, EOS), FinishReason.STOP, EOS)
+    assert final_delta((), "stop", 9, EOS, 9) == TokenDelta((), FinishReason.STOP, 9)  # already streamed
+    assert final_delta((4,), "stop", 9, EOS, 3) == TokenDelta((4, 9), FinishReason.STOP, 9)
+    assert final_delta((), "cancelled", None, EOS, 3) == TokenDelta((), FinishReason.ABORT)
+    timed_out = final_delta((), "timeout", None, EOS, 3)
+    assert timed_out.finish_reason is FinishReason.ABORT and timed_out.error
+
+
+def test_check_engine_dir_fails_fast_without_tensorrt_llm(tmp_path: Path) -> None:
+    d = make_engine_dir(tmp_path / "engine")
+    assert "tensorrt_llm" not in sys.modules
+    with pytest.raises(EngineIncompatible, match="tensorrt_llm is not installed.*release:1.2.1"):
+        check_engine_dir(d)  # the real probes: this machine has no tensorrt_llm
+    with pytest.raises(EngineDirError, match="no aisandbox-engine.json"):
+        check_engine_dir(tmp_path)
+    assert "tensorrt_llm" not in sys.modules
+
+
+def test_check_engine_dir_with_the_right_environment(tmp_path: Path) -> None:
+    d = make_engine_dir(tmp_path / "engine")
+    assert check_engine_dir(d, devices=lambda: [H100], versions=lambda: VERSIONS).profile.name == "h100-sxm"
+
+    def no_gpu() -> list[DeviceInfo]:
+        raise GpuNotFound("no NVIDIA GPU found")
+
+    check_engine_dir(d, devices=no_gpu, versions=lambda: VERSIONS)  # serve's pre-check on a GPU-less host
+    with pytest.raises(EngineIncompatible, match="no NVIDIA GPU is visible"):
+        check_engine_dir(d, devices=no_gpu, versions=lambda: VERSIONS, require_gpu=True)
+
+
+def test_create_trtllm_engine_from_settings(tmp_path: Path) -> None:
+    settings = ServerSettings(engine_dir=tmp_path, max_queue=7, tokenizer_mode="mistral")
+    engine = create_trtllm_engine(settings)
+    assert engine.config == TrtllmEngineConfig(engine_dir=tmp_path, tokenizer_mode="mistral", max_queue=7)
+    with pytest.raises(ValueError, match="engine_dir"):
+        create_trtllm_engine(ServerSettings())
+
+
+def test_without_tensorrt_llm_the_real_engine_dies_with_the_reason(tmp_path: Path) -> None:
+    async def main() -> None:
+        engine = TrtllmEngine(TrtllmEngineConfig(make_engine_dir(tmp_path / "engine")), devices=lambda: [H100])
+        await engine.start()
+        health = await engine.wait_ready(30)
+        assert health.state is EngineState.DEAD
+        assert "tensorrt_llm is not installed" in (health.reason or "")
+        await engine.shutdown()
+
+    asyncio.run(main())
