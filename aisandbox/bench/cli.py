@@ -18,10 +18,13 @@ import platform
 import re
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from aisandbox.bench.client import (
     GenerationOptions,
@@ -107,7 +110,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--request-rate", type=_rate_list, help="open-loop Poisson rates (req/s) to sweep, e.g. 1,4,inf")
     load.add_argument("--max-concurrency", type=int, help="cap on requests in flight under --request-rate")
     load.add_argument("--num-prompts", type=int, default=32, help="measured requests per load point")
-    load.add_argument("--warmup", type=int, default=2, help="unrecorded requests before each load point")
+    load.add_argument(
+        "--warmup", type=int, metavar="N",
+        help="unrecorded requests before each load point (default: as many as the point keeps in flight)",
+    )  # fmt: skip
     load.add_argument("--duration", type=float, metavar="S", help="stop sending new requests after S s per point")
     load.add_argument("--request-timeout", type=float, default=300.0, metavar="S")
     load.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the Poisson arrivals")
@@ -150,11 +156,22 @@ def _points(args: argparse.Namespace) -> list[LoadPoint]:
     return [LoadPoint(concurrency=c) for c in (args.concurrency or [1])]
 
 
-def _prompts(args: argparse.Namespace, tokenizer: HFTextTokenizer | None) -> list[Prompt]:
+def _prompts(args: argparse.Namespace, count: int, seed: int, tokenizer: HFTextTokenizer | None) -> list[Prompt]:
     if args.dataset is not None:
-        return load_jsonl(DatasetSpec(args.dataset, args.num_prompts, args.output_len, args.seed), tokenizer)
-    spec = SyntheticSpec(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed)
+        return load_jsonl(DatasetSpec(args.dataset, count, args.output_len, seed), tokenizer)
+    spec = SyntheticSpec(count, args.input_len, args.output_len, args.range_ratio, seed)
     return synthetic_prompts(spec, tokenizer)
+
+
+def _warmup_count(args: argparse.Namespace) -> int:
+    """Warm-up prompts needed by the widest point."""
+    if args.warmup is not None:
+        return max(0, int(args.warmup))
+    return max(p.concurrency or p.max_concurrency or 1 for p in _points(args))
+
+
+_WARMUP_SEED_OFFSET = 1_000_003
+"""Warm-up prompts come from another seed: distinct from the measured ones, same distribution."""
 
 
 def _cpu_model() -> str:
@@ -181,8 +198,27 @@ def _environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        "event_loop": "uvloop" if _loop_factory() else "asyncio",
         "versions": {p: _version(p) for p in ("aisandbox", "httpx", "numpy", "transformers", "torch")},
     }
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where installed, as uvicorn picks it for the server: the client then costs less CPU, and the
+    engine-alone baseline runs on the same event loop as `aisandbox serve`."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def _loadavg() -> list[float] | None:
+    """The 1/5/15-minute load averages: another busy process on the machine shows here."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _config(args: argparse.Namespace, options: GenerationOptions, limits: RunLimits) -> dict[str, Any]:
@@ -201,7 +237,7 @@ def _config(args: argparse.Namespace, options: GenerationOptions, limits: RunLim
         "range_ratio": args.range_ratio,
         "tokenizer": str(args.tokenizer) if args.tokenizer else None,
         "seed": limits.seed,
-        "warmup": limits.warmup,
+        "warmup": limits.warmup if limits.warmup is not None else "one per concurrency slot",
         "duration_s": limits.duration_s,
         "request_timeout_s": limits.request_timeout_s,
     }
@@ -252,6 +288,14 @@ async def _local_client(args: argparse.Namespace, options: GenerationOptions) ->
     return await LocalEngineClient.start(settings, options)
 
 
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """The measured prompts and the warm-up prompts."""
+
+    prompts: list[Prompt]
+    warmup: list[Prompt]
+
+
 def _point_result(run: PointRun, slo: dict[str, float] | None) -> PointResult:
     return PointResult(
         label=run.point.label,
@@ -263,7 +307,7 @@ def _point_result(run: PointRun, slo: dict[str, float] | None) -> PointResult:
     )
 
 
-async def _bench(args: argparse.Namespace, prompts: list[Prompt], tokenizer: HFTextTokenizer | None) -> BenchResult:
+async def _bench(args: argparse.Namespace, workload: Workload, tokenizer: HFTextTokenizer | None) -> BenchResult:
     created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     options = GenerationOptions(
         model=args.model or "",
@@ -273,6 +317,7 @@ async def _bench(args: argparse.Namespace, prompts: list[Prompt], tokenizer: HFT
         include_usage=not args.no_usage,
         extra_body=args.extra_body,
     )
+    environment = {**_environment(), "loadavg_start": _loadavg()}
     points = _points(args)
     limits = RunLimits(args.warmup, args.duration, args.request_timeout, args.seed, not args.no_progress)
     pool = max(p.concurrency or p.max_concurrency or args.num_prompts for p in points)
@@ -281,18 +326,19 @@ async def _bench(args: argparse.Namespace, prompts: list[Prompt], tokenizer: HFT
         options = client.options
         target = await client.describe()
         runs = []
+        counter = tokenizer.count if tokenizer else None
         for point in points:
-            _notice(f"{point.label}: {len(prompts)} requests")
-            runs.append(await run_point(client, prompts, point, limits, tokenizer.count if tokenizer else None))
+            _notice(f"{point.label}: {len(workload.prompts)} requests")
+            runs.append(await run_point(client, workload.prompts, point, limits, counter, workload.warmup))
     finally:
         await client.aclose()
     label = args.label or f"{options.model}-{args.engine}"
     return BenchResult(
         label=label,
         created=created,
-        command=[Path(sys.argv[0]).name, *sys.argv[1:]],
+        command=["aisandbox", *sys.argv[1:]] if sys.argv[1:2] == ["bench"] else list(sys.argv),
         config=_config(args, options, limits),
-        environment=_environment(),
+        environment={**environment, "loadavg_end": _loadavg()},
         target=target,
         points=[_point_result(r, args.slo) for r in runs],
     )
@@ -317,9 +363,18 @@ def run(args: argparse.Namespace) -> int:
             _notice("--compare needs at least two result files")
             return 2
         return _compare(args)
-    tokenizer = HFTextTokenizer(args.tokenizer) if args.tokenizer else None
-    prompts = _prompts(args, tokenizer)
-    result = asyncio.run(_bench(args, prompts, tokenizer))
+    try:
+        tokenizer = HFTextTokenizer(args.tokenizer) if args.tokenizer else None
+        warmup = _warmup_count(args)
+        workload = Workload(
+            prompts=_prompts(args, args.num_prompts, args.seed, tokenizer),
+            warmup=_prompts(args, warmup, args.seed + _WARMUP_SEED_OFFSET, tokenizer) if warmup else [],
+        )
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            result = runner.run(_bench(args, workload, tokenizer))
+    except (RuntimeError, ValueError, OSError, httpx.HTTPError) as exc:
+        _notice(f"error: {exc}")
+        return 2
     output = args.output or Path("bench-results") / f"{_slug(result.label)}.json"
     write_result(result, output)
     print(f"## {result.label}\n\n{summary_markdown(result)}\n\n{latency_markdown(result)}")

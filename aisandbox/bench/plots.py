@@ -95,10 +95,11 @@ def plot_distribution(results: Sequence[BenchResult], metric: DistributionMetric
             for result in results:
                 for point in (p for p in result.points if p.label == label):
                     _ecdf(ax, _values_ms(point, metric), result.label)
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     for ax, title in zip(axes, titles, strict=True):
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"{name} (ms, log)")

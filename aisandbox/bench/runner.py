@@ -58,8 +58,9 @@ class LoadPoint:
 class RunLimits:
     """Bounds and knobs shared by every point of a run."""
 
-    warmup: int = 2
-    """Requests sent (and discarded) before each point."""
+    warmup: int | None = None
+    """Requests sent (and not recorded) before each point; None sends as many as the point keeps in flight,
+    so that the engine has already run batches of the point's size."""
     duration_s: float | None = None
     """Stop sending new requests this long after a point began; those in flight finish."""
     request_timeout_s: float = 300.0
@@ -230,13 +231,18 @@ async def _open_loop(state: _PointState, prompts: Sequence[Prompt], point: LoadP
     await asyncio.gather(*tasks)
 
 
+def _width(point: LoadPoint) -> int:
+    """Requests a point keeps in flight at most (1 for an uncapped request rate: unknown)."""
+    return point.concurrency or point.max_concurrency or 1
+
+
 async def _warm_up(client: RequestClient, prompts: Sequence[Prompt], point: LoadPoint, limits: RunLimits) -> None:
-    if limits.warmup <= 0:
+    count = _width(point) if limits.warmup is None else limits.warmup
+    if count <= 0:
         return
-    batch = [prompts[i % len(prompts)] for i in range(limits.warmup)]
-    width = min(limits.warmup, point.concurrency or point.max_concurrency or limits.warmup)
+    batch = [prompts[i % len(prompts)] for i in range(count)]
     state = _PointState(client, limits, time.perf_counter(), math.inf, lambda: None, [])
-    await _closed_loop(state, batch, width)
+    await _closed_loop(state, batch, min(count, _width(point)))
 
 
 async def run_point(
@@ -245,6 +251,7 @@ async def run_point(
     point: LoadPoint,
     limits: RunLimits,
     count_tokens: TokenCounter | None = None,
+    warmup_prompts: Sequence[Prompt] = (),
 ) -> PointRun:
     """Warm up, then send `prompts` at `point`'s load and record every request.
 
@@ -254,10 +261,12 @@ async def run_point(
         point: Concurrency or request rate.
         limits: Warm-up, duration bound, timeout, seed, progress bar.
         count_tokens: Counts output tokens where the server reports no usage (else chunks are counted).
+        warmup_prompts: What the warm-up sends (distinct prompts, so no server caches the measured ones);
+            default: `prompts`, cycled.
     """
     if not prompts:
         raise ValueError("no prompts to send")
-    await _warm_up(client, prompts, point, limits)
+    await _warm_up(client, warmup_prompts or prompts, point, limits)
     bar = tqdm(total=len(prompts), desc=point.label, unit="req", disable=not limits.progress, leave=False)
     origin = time.perf_counter()
     deadline = origin + limits.duration_s if limits.duration_s else math.inf

@@ -1,4 +1,5 @@
-"""`aisandbox bench` against a real `aisandbox serve` subprocess, and through the engine in process.
+"""`aisandbox bench` against a real `aisandbox serve` subprocess (the session's `server` fixture), and
+through the engine in process.
 
 A handful of short requests with the default model: the result file must have every field filled. Nothing
 here asserts a speed.
@@ -6,83 +7,20 @@ here asserts a speed.
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from aisandbox.bench.report import load_result
 from aisandbox.cli import main
+from tests.e2e.conftest import Server
 
 pytestmark = pytest.mark.slow
 
 # Fields that are None by design: the load mode not used, the error of a request that succeeded, options
 # not given, headers a server may not send.
 NULLABLE = {"request_rate", "max_concurrency", "error", "dataset", "duration_s", "tokenizer", "server_header"}
-
-
-@dataclass(frozen=True)
-class RunningServer:
-    """Where a started server answers."""
-
-    base_url: str
-    model: str
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_server() -> Iterator[RunningServer]:
-    """Run `aisandbox serve` with the default model on a free loopback port until the test module ends."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "aisandbox", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"aisandbox serve exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("aisandbox serve did not become healthy in 240 s")
-            time.sleep(0.5)
-        model = httpx.get(f"{base}/v1/models", timeout=5).json()["data"][0]["id"]
-        yield RunningServer(f"{base}/v1", model)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.fixture(scope="module")
-def bench_server(request: pytest.FixtureRequest) -> Iterator[Any]:
-    """The shared `server` fixture of tests/e2e when it exists, else a server of this module's own."""
-    try:
-        yield request.getfixturevalue("server")
-        return
-    except pytest.FixtureLookupError:
-        pass
-    yield from _start_server()
 
 
 def _nulls(node: Any, path: str = "") -> list[str]:
@@ -118,10 +56,10 @@ def _check_filled(path: Path) -> None:
         assert path.with_name(f"{path.stem}-{png}.png").stat().st_size > 1000
 
 
-def test_bench_against_aisandbox_serve(bench_server: Any, tmp_path: Path) -> None:
-    out = _run(tmp_path, "http", "--base-url", bench_server.base_url, "--model", bench_server.model)
+def test_bench_against_aisandbox_serve(server: Server, tmp_path: Path) -> None:
+    out = _run(tmp_path, "http", "--base-url", server.base_url, "--model", server.model)
     _check_filled(out)
-    assert load_result(out).target["models"][0]["id"] == bench_server.model
+    assert load_result(out).target["models"][0]["id"] == server.model
 
 
 def test_bench_engine_alone_and_compare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

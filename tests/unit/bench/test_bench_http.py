@@ -133,11 +133,11 @@ def test_compare_command(fake_server: FakeServer, tmp_path: Path, capsys: pytest
     b = a.with_name("b.json")
     b.write_text(a.read_text().replace('"label": "a"', '"label": "b"'))
     capsys.readouterr()
-    assert main(["bench", "--compare", str(a), str(b), "--label", "ab", "--output", str(tmp_path / "x.json")]) == 0
+    assert main(["bench", "--compare", str(a), str(b), "--label", "ab", "--plot-dir", str(tmp_path / "plots")]) == 0
     text = capsys.readouterr().out
     assert text.splitlines()[0] == "| Load | Metric | a | b | b / a |"
     assert "| C=3 | Out tok/s |" in text
-    assert (tmp_path / "ab-sweep.png").is_file() and (tmp_path / "ab-itl.png").is_file()
+    assert (tmp_path / "plots" / "ab-sweep.png").is_file() and (tmp_path / "plots" / "ab-itl.png").is_file()
 
 
 def test_bench_package_never_imports_the_runtime() -> None:
@@ -149,3 +149,8 @@ def test_bench_package_never_imports_the_runtime() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_unreachable_server_is_a_clean_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--base-url", "http://127.0.0.1:9/v1", "--wait-ready", "0", "--no-progress"]) == 2
+    assert "bench: error:" in capsys.readouterr().err

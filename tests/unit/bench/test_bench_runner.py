@@ -145,3 +145,13 @@ def test_open_loop_follows_the_schedule_and_cap() -> None:
     expected = poisson_arrivals(8, 40.0, seed=7)
     starts = [r.start_s for r in run.records]
     assert starts == pytest.approx(expected, abs=0.03)
+
+
+def test_default_warm_up_fills_the_point_with_its_own_prompts() -> None:
+    client = ScriptedClient()
+    warm = _prompts("w0", "w1")
+    run = asyncio.run(
+        run_point(client, _prompts("p0", "p1"), LoadPoint(concurrency=3), RunLimits(progress=False), None, warm)
+    )
+    assert client.sent[:3] == ["w0", "w1", "w0"] and client.peak == 3
+    assert sorted(client.sent[3:]) == ["p0", "p1"] and len(run.records) == 2

@@ -1,0 +1,70 @@
+"""Print the headline ratios of docs/benchmarks.md from the three result files of bench/run_report.sh.
+
+python bench/headline.py bench/results
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from aisandbox.bench.metrics import Aggregates
+from aisandbox.bench.report import BenchResult, load_result
+
+# Targets of the issue that introduced the benchmark.
+MAX_HTTP_THROUGHPUT_COST = 0.03
+"""The HTTP tier may cost at most 3% of engine-alone output tokens/s at 16 streams."""
+MAX_HTTP_TTFT_COST_MS = 2.0
+"""...and at most 2 ms of median TTFT."""
+MIN_SPEEDUP_VS_PEER = 3.0
+"""At 16 streams, at least 3x the output tokens/s of transformers serve --continuous-batching."""
+
+
+def _at(result: BenchResult, label: str) -> Aggregates:
+    for point in result.points:
+        if point.label == label:
+            return point.aggregates
+    raise SystemExit(f"{result.label} has no point {label}")
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def main(folder: Path) -> None:
+    """Print the three ratios as Markdown bullets."""
+    http = load_result(folder / "aisandbox-http.json")
+    engine = load_result(folder / "aisandbox-engine.json")
+    peer = load_result(folder / "transformers-serve.json")
+    h16, e16, p16 = _at(http, "C=16"), _at(engine, "C=16"), _at(peer, "C=16")
+    h1, p1 = _at(http, "C=1"), _at(peer, "C=1")
+
+    http_ratio = h16.output_throughput / e16.output_throughput
+    ttft_cost = (h16.ttft_ms.median or 0.0) - (e16.ttft_ms.median or 0.0)
+    ttft_cost_c1 = (h1.ttft_ms.median or 0.0) - (_at(engine, "C=1").ttft_ms.median or 0.0)
+    speedup16 = h16.output_throughput / p16.output_throughput
+    speedup1 = h1.output_throughput / p1.output_throughput
+    http_ok = 1.0 - http_ratio <= MAX_HTTP_THROUGHPUT_COST and ttft_cost <= MAX_HTTP_TTFT_COST_MS
+    print()
+    print("Headline ratios:")
+    print()
+    print(
+        f"- HTTP vs engine alone at C=16: {http_ratio:.3f}x output tokens/s "
+        f"({h16.output_throughput:.1f} vs {e16.output_throughput:.1f}); median TTFT {ttft_cost:+.1f} ms "
+        f"({ttft_cost_c1:+.1f} ms at C=1). Target <= {MAX_HTTP_THROUGHPUT_COST:.0%} and <= "
+        f"{MAX_HTTP_TTFT_COST_MS:g} ms: {_verdict(http_ok)}."
+    )
+    print(
+        f"- aisandbox vs transformers serve at C=1: {speedup1:.2f}x output tokens/s "
+        f"({h1.output_throughput:.1f} vs {p1.output_throughput:.1f}); median TTFT "
+        f"{h1.ttft_ms.median or 0:.0f} vs {p1.ttft_ms.median or 0:.0f} ms."
+    )
+    print(
+        f"- aisandbox vs transformers serve at C=16: {speedup16:.2f}x output tokens/s "
+        f"({h16.output_throughput:.1f} vs {p16.output_throughput:.1f}). Target >= {MIN_SPEEDUP_VS_PEER:g}x: "
+        f"{_verdict(speedup16 >= MIN_SPEEDUP_VS_PEER)}."
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("bench/results"))

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The one run behind docs/benchmarks.md: the same workload through
+#   1. aisandbox over HTTP (`aisandbox serve`),
+#   2. aisandbox's engine alone, in process (`aisandbox bench --engine local`),
+#   3. `transformers serve --continuous-batching` on the same converted model folder,
+# one after the other, each server stopped before the next starts (2 cores: nothing else may run).
+# Raw results go to bench/results/, the comparison plots to docs/bench/. Installs nothing.
+#
+#   bench/run_report.sh                 # about 15-20 minutes on a 2-core CPU
+#   STAGES="engine" bench/run_report.sh  # redo one stage (e.g. after another process disturbed it)
+#
+# Knobs (environment): STAGES ("http engine peer"), NUM_PROMPTS (32), INPUT_LEN (128), OUTPUT_LEN (64),
+# CONCURRENCY (1,4,16), PORT_OURS (8000), PORT_PEER (8001), RESULTS_DIR (bench/results), PLOT_DIR (docs/bench).
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+python=${PYTHON:-$root/.venv/bin/python}
+results=${RESULTS_DIR:-bench/results}
+plots=${PLOT_DIR:-docs/bench}
+num_prompts=${NUM_PROMPTS:-32}
+input_len=${INPUT_LEN:-128}
+output_len=${OUTPUT_LEN:-64}
+concurrency=${CONCURRENCY:-1,4,16}
+port_ours=${PORT_OURS:-8000}
+port_peer=${PORT_PEER:-8001}
+stages=" ${STAGES:-http engine peer} "
+mkdir -p "$results" "$plots"
+
+model_dir=$("$python" -c "
+from aisandbox.runtime.default_model import prepare_default_model
+from aisandbox.settings import ServerSettings
+print(prepare_default_model(ServerSettings().cache_dir))")
+
+# The workload, identical for all three: greedy, prompts of exactly $input_len tokens by the model's own
+# tokenizer, exactly $output_len tokens out, the same seed.
+workload=(--concurrency "$concurrency" --num-prompts "$num_prompts" --input-len "$input_len"
+  --output-len "$output_len" --tokenizer "$model_dir" --temperature 0 --seed 0
+  --wait-ready 300 --no-progress --no-plots)
+
+server_pid=
+stop_server() {
+  if [ -n "$server_pid" ]; then
+    kill -TERM "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=
+  fi
+}
+trap stop_server EXIT
+
+run() {
+  echo "+ $*" >&2
+  "$@"
+}
+
+# What ran, on what: kept with the results.
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo none) ($(git status --porcelain 2>/dev/null | wc -l) uncommitted paths)"
+  echo "machine: $(uname -srm); $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs); $(nproc) cores; $(free -g | awk '/Mem:/ {print $2}') GiB"
+  echo "python: $("$python" -V 2>&1)"
+  "$python" -c "
+from importlib.metadata import version
+print('packages: ' + ', '.join(f'{p} {version(p)}' for p in ('torch', 'transformers', 'falcon', 'gunicorn', 'uvicorn', 'fastapi', 'httpx')))"
+  echo "model: $model_dir"
+  echo "stages: $stages"
+} | tee -a "$results/run-info.txt" >&2
+# Nothing else may run: sample how busy the CPUs are for 3 s before starting.
+busy=$("$python" -c "
+import time
+def sample():
+    v = [int(x) for x in open('/proc/stat').readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+t0, i0 = sample(); time.sleep(3); t1, i1 = sample()
+print(round(100 * (1 - (i1 - i0) / max(1, t1 - t0))))")
+echo "cpu busy before start: $busy%" | tee -a "$results/run-info.txt" >&2
+[ "$busy" -lt 10 ] || echo "warning: something else is using the CPU; the numbers will not be clean" >&2
+
+start=$(date +%s)
+
+if [[ $stages == *" http "* ]]; then
+echo "== 1/3 aisandbox serve (HTTP)" >&2
+"$python" -m aisandbox serve --host 127.0.0.1 --port "$port_ours" --log-level warning >"$results/aisandbox-serve.log" 2>&1 &
+server_pid=$!
+run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_ours/v1" --model SmolLM2-135M-Instruct \
+  "${workload[@]}" --label aisandbox-http --output "$results/aisandbox-http.json"
+stop_server
+fi
+
+if [[ $stages == *" engine "* ]]; then
+echo "== 2/3 aisandbox engine alone (in process, no HTTP)" >&2
+run "$python" -m aisandbox bench --engine local "${workload[@]}" \
+  --label aisandbox-engine --output "$results/aisandbox-engine.json"
+fi
+
+if [[ $stages == *" peer "* ]]; then
+echo "== 3/3 transformers serve --continuous-batching" >&2
+bench/transformers_serve.sh "$port_peer" "$model_dir" >"$results/transformers-serve.log" 2>&1 &
+server_pid=$!
+# transformers serve refuses ignore_eos/min_tokens (422) but takes a generation_config: the same fixed length.
+fixed=$("$python" -c 'import json, sys; n = int(sys.argv[1]); print(json.dumps({"generation_config": json.dumps(
+    {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False})}))' "$output_len")
+run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_peer/v1" --model "$model_dir" \
+  "${workload[@]}" --ignore-eos off --extra-body "$fixed" \
+  --label transformers-serve --output "$results/transformers-serve.json"
+stop_server
+fi
+
+echo "== comparison" >&2
+run "$python" -m aisandbox bench --compare "$results/aisandbox-engine.json" "$results/aisandbox-http.json" \
+  "$results/transformers-serve.json" --label comparison --plot-dir "$plots" | tee "$results/comparison.md"
+"$python" bench/headline.py "$results" | tee -a "$results/comparison.md"
+echo "total $(( $(date +%s) - start )) s" >&2
