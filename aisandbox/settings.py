@@ -46,7 +46,7 @@ class ServerSettings(BaseSettings):
     """torch backend weights and KV dtype; auto is bfloat16 on CUDA and on CPUs with AMX/AVX512-BF16, else float32."""
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     """Most sequences decoded together (torch backend)."""
-    max_prefill_tokens: int = Field(default=2048, ge=16)
+    max_prefill_tokens: int = Field(default=512, ge=16)
     """Most prompt tokens prefilled in one engine step, so running streams keep flowing."""
     max_model_len: int | None = Field(default=None, ge=16)
     """Cap on the context window; default the model's own."""

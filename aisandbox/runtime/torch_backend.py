@@ -68,7 +68,7 @@ class TorchEngineConfig:
     dtype: str = "auto"
     tokenizer_mode: str = "auto"
     max_batch_size: int = 32
-    max_prefill_tokens: int = 2048
+    max_prefill_tokens: int = 512
     max_model_len: int | None = None
     max_queue: int = 256
     threads: int | None = None
