@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from aisandbox.errors import InvalidRequest
 
-__all__ = ["ChatMessage", "HFTokenizer", "MistralCommonTokenizer", "Tokenizer", "TokenizerMode", "load_tokenizer"]
+__all__ = ["ByteTable", "ChatMessage", "HFTokenizer", "MistralCommonTokenizer", "Tokenizer", "TokenizerMode", "load_tokenizer"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,82 @@ class Tokenizer(Protocol):
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Encode a conversation ending with the assistant's turn to generate."""
+
+    def byte_table(self) -> ByteTable | None:
+        """Each token id's bytes, for fast incremental detokenization; None when this tokenizer's kind is unknown."""
+
+
+@dataclass(frozen=True, slots=True)
+class ByteTable:
+    """The bytes each token id decodes to, checked against the tokenizer's own `decode` at load.
+
+    Incremental detokenization then costs a list lookup and an incremental UTF-8 decode per token, instead of
+    decoding a window of tokens twice (the Python tokenizer calls that dominated the per-token cost).
+    """
+
+    pieces: tuple[bytes, ...]
+    """pieces[id]: the token's bytes; b"" for special tokens, which `decode` skips."""
+    strip_first_space: bool = False
+    """SentencePiece drops the leading space of the first piece of a text (its dummy prefix)."""
+
+    @property
+    def max_token_bytes(self) -> int:
+        """The most bytes any one token stands for: a text of B bytes needs at least B / this many tokens."""
+        return max((len(p) for p in self.pieces), default=1) or 1
+
+    def text(self, token_ids: Sequence[int]) -> str:
+        """Decode ids as the tokenizer would (used to check the table)."""
+        data = b"".join(self.pieces[i] if 0 <= i < len(self.pieces) else b"" for i in token_ids)
+        out = data.decode("utf-8", errors="replace")
+        return out[1:] if self.strip_first_space and out.startswith(" ") else out
+
+
+# Texts that exercise multi-byte characters, spaces and newlines: the table must decode them as `decode` does.
+_CHECK_TEXTS = (
+    "Hello world, how are you? 1234",
+    "Emoji: 😀👍🏽 and a family 👨‍👩‍👧 here.",
+    "中文测试：你好，世界！日本語もね。한국어도",
+    "  leading spaces and\nnew lines\n\n\tindented {\"json\": [1, 2]}",
+    "Mixed ünïcödé — dashes… and “quotes” 🚀",
+)
+
+
+def _checked(tokenizer: Tokenizer, table: ByteTable) -> ByteTable | None:
+    """The table if it decodes the check texts exactly as the tokenizer does, else None (logged)."""
+    for text in _CHECK_TEXTS:
+        ids = tokenizer.encode(text)
+        if table.text(ids) != tokenizer.decode(ids):
+            log.warning("token byte table disagrees with decode on %r; using window detokenization", text)
+            return None
+        # Mid-sequence, SentencePiece keeps every space: compare what follows the first real token.
+        body = [i for i in ids if table.pieces[i]]
+        if len(body) > 1:
+            head, full = tokenizer.decode(body[:1]), tokenizer.decode(body)
+            plain = b"".join(table.pieces[i] for i in body[1:]).decode("utf-8", errors="replace")
+            if full.startswith(head) and full[len(head) :] != plain:
+                log.warning("token byte table disagrees mid-text on %r; using window detokenization", text)
+                return None
+    return table
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, used by byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def _sentencepiece_piece(piece: str) -> bytes:
+    """A SentencePiece piece's bytes: <0xNN> byte-fallback pieces, and U+2581 for a space."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode()
 
 
 class HFTokenizer:
@@ -87,6 +164,41 @@ class HFTokenizer:
         # The template already holds the special tokens (BOS included), as vLLM encodes it.
         return list(self._tok.encode(str(text), add_special_tokens=False))
 
+    def byte_table(self) -> ByteTable | None:
+        if not hasattr(self, "_byte_table"):
+            self._byte_table = self._build_byte_table()
+        return self._byte_table
+
+    def _build_byte_table(self) -> ByteTable | None:
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        import json
+
+        spec = json.loads(backend.to_str())
+        decoder = spec.get("decoder") or {}
+        steps = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+        kinds = {step.get("type") for step in steps}
+        size = max(len(self._tok), backend.get_vocab_size(with_added_tokens=True))
+        pieces: list[bytes] = [b""] * size
+        if kinds == {"ByteLevel"}:
+            byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+
+            def piece_bytes(piece: str) -> bytes:
+                return bytes(byte_of[c] for c in piece) if all(c in byte_of for c in piece) else piece.encode()
+
+            strip = False
+        elif kinds <= {"Replace", "ByteFallback", "Fuse", "Strip"} and "Replace" in kinds:
+            piece_bytes = _sentencepiece_piece
+            strip = any(step.get("type") == "Strip" and step.get("start") for step in steps)
+        else:
+            return None
+        for piece, token_id in backend.get_vocab(with_added_tokens=False).items():
+            pieces[token_id] = piece_bytes(piece)
+        for added in spec.get("added_tokens", []):
+            pieces[added["id"]] = b"" if added.get("special") else added["content"].encode()
+        return _checked(self, ByteTable(tuple(pieces), strip))
+
 
 class MistralCommonTokenizer:
     """Mistral's tokenizer and chat encoding from `mistral-common`."""
@@ -116,6 +228,29 @@ class MistralCommonTokenizer:
             raise InvalidRequest(f"Invalid conversation: {exc}", param="messages") from exc
         except ValueError as exc:  # pydantic validation of the messages
             raise InvalidRequest(f"Invalid conversation: {exc}", param="messages") from exc
+
+    def byte_table(self) -> ByteTable | None:
+        if not hasattr(self, "_byte_table"):
+            self._byte_table = self._build_byte_table()
+        return self._byte_table
+
+    def _build_byte_table(self) -> ByteTable | None:
+        inner: Any = self._inner
+        pieces: list[bytes] = []
+        if hasattr(inner, "id_to_byte_piece"):  # tekken
+            pieces = [bytes(inner.id_to_byte_piece(i)) for i in range(self.vocab_size)]
+            return _checked(self, ByteTable(tuple(pieces)))
+        sp = getattr(inner, "_model", None)
+        if sp is None or not hasattr(sp, "is_control"):
+            return None
+        for i in range(self.vocab_size):
+            if sp.is_control(i):
+                pieces.append(b"")
+            elif sp.is_unknown(i):
+                pieces.append(" \u2047 ".encode())
+            else:
+                pieces.append(_sentencepiece_piece(sp.id_to_piece(i)))
+        return _checked(self, ByteTable(tuple(pieces), strip_first_space=True))
 
 
 def find_mistral_tokenizer_file(path: str | Path) -> Path | None:

@@ -85,3 +85,32 @@ def test_tokenizer_files_exist() -> None:
     from tests.conftest import mistral_v3_tokenizer_file
 
     assert Path(mistral_v3_tokenizer_file()).is_file()
+
+
+@pytest.mark.parametrize("which", ["mistral_tokenizer", "smollm_tokenizer"])
+def test_both_tokenizer_kinds_get_a_checked_byte_table(which: str, request: pytest.FixtureRequest) -> None:
+    tok: Tokenizer = request.getfixturevalue(which)
+    table = tok.byte_table()
+    assert table is not None, "the fast path must be available for both tokenizer kinds"
+    assert table.max_token_bytes >= 2
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert table.text(ids) == tok.decode(ids)
+
+
+@pytest.mark.parametrize("which", ["mistral_tokenizer", "smollm_tokenizer"])
+@pytest.mark.parametrize("text", TEXTS)
+def test_window_fallback_matches_the_byte_table(
+    which: str, text: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tok: Tokenizer = request.getfixturevalue(which)
+    prompt = tok.encode("Reply:")
+    ids = tok.encode("Reply: " + text)[len(prompt) :]
+    fast = _stream_with(tok, prompt, ids)
+    monkeypatch.setattr(tok, "byte_table", lambda: None)
+    assert _stream_with(tok, prompt, ids) == fast
+
+
+def _stream_with(tok: Tokenizer, prompt: list[int], ids: list[int]) -> str:
+    detok = IncrementalDetokenizer(tok, prompt)
+    return "".join(detok.add([t]) for t in ids) + detok.flush()
