@@ -22,7 +22,7 @@ from aisandbox.bench.client import GenerationOptions, Prompt, RequestError, Stre
 from aisandbox.errors import AisandboxError
 from aisandbox.runtime.engine import Engine
 from aisandbox.runtime.loader import create_engine, resolve_model_path
-from aisandbox.runtime.textgen import check_context, stream_text
+from aisandbox.runtime.textgen import stream_text
 from aisandbox.runtime.types import GenerationRequest, SamplingParams
 from aisandbox.settings import ServerSettings
 
@@ -68,13 +68,13 @@ class LocalEngineClient:
         model = options.model or settings.model_name
         return cls(engine, settings, replace(options, model=model))
 
-    def _request(self, prompt: Prompt) -> GenerationRequest:
-        tokenizer = self._engine.tokenizer
+    async def _request(self, prompt: Prompt) -> GenerationRequest:
+        engine = self._engine
         if self.options.endpoint == "chat":
-            ids, param = tokenizer.encode_chat(list(prompt.messages)), "messages"
+            ids, param = await engine.encode_chat(list(prompt.messages)), "messages"
         else:
-            ids, param = tokenizer.encode(prompt.text), "prompt"
-        max_tokens = check_context(len(ids), prompt.output_len, self._engine.model_info.max_model_len, param)
+            ids, param = await engine.encode(prompt.text), "prompt"
+        max_tokens = engine.check_context(len(ids), prompt.output_len, param)
         fixed = self.options.fixed_length
         sampling = SamplingParams(
             max_tokens=max_tokens,
@@ -87,7 +87,7 @@ class LocalEngineClient:
     async def stream(self, prompt: Prompt) -> AsyncGenerator[StreamEvent, None]:
         """Run one request in the engine; yield each text delta, then the usage."""
         try:
-            request = self._request(prompt)
+            request = await self._request(prompt)
             generated = 0
             async for delta in stream_text(self._engine, request):
                 generated = delta.completion_tokens

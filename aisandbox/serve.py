@@ -37,6 +37,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-cache-mb", type=int, help="torch backend: KV memory for shared prompt prefixes")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    p.add_argument("--text-workers", type=int, help="threads for chat templates and tokenization (default 2)")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body; larger ones get 413 (default 4 MiB)")
+    p.add_argument(
+        "--null-engine",
+        action="store_const",
+        const=True,
+        help="serve canned tokens at no cost with the model's tokenizer (benchmarks the HTTP tier)",
+    )
+    p.add_argument("--null-engine-step-ms", type=float, help="null engine: pause between steps (default 0)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--cache-dir", type=Path, help="where the converted default model is kept")
 

@@ -56,6 +56,17 @@ class ServerSettings(BaseSettings):
     """Waiting requests beyond which new ones get 429."""
     max_n: int = Field(default=16, ge=1, le=128)
     """Largest `n` a request may ask for."""
+    text_workers: int = Field(default=2, ge=1, le=64)
+    """Threads that apply chat templates and tokenize prompts, so the event loop never does."""
+    max_body_bytes: int = Field(default=4 * 2**20, ge=1024)
+    """Largest request body accepted; a larger one gets 413 before more than this is read. The default, 4 MiB,
+    holds any prompt that fits a 128k-token context as text."""
+    max_json_depth: int = Field(default=64, ge=4, le=512)
+    """Deepest nesting of arrays and objects accepted in a request body (400 invalid_json beyond)."""
+    null_engine: bool = False
+    """Serve the null backend (the tokenizer of the model, canned tokens at no cost): benchmarks the HTTP tier."""
+    null_engine_step_ms: float = Field(default=0.0, ge=0.0)
+    """Null backend: pause between steps; 0 emits as fast as the process allows."""
     api_key: str | None = None
     """When set, every /v1 request must carry `Authorization: Bearer <api_key>`."""
     cache_dir: Path = Field(default_factory=_default_cache_dir)

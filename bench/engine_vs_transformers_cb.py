@@ -16,7 +16,8 @@ import torch
 
 from aisandbox.runtime.default_model import prepare_default_model
 from aisandbox.runtime.textgen import stream_text
-from aisandbox.runtime.torch_backend import TorchEngine, TorchEngineConfig
+from aisandbox.runtime.admission import Admission
+from aisandbox.runtime.torch_backend import TorchBackend, TorchEngineConfig
 from aisandbox.runtime.types import GenerationRequest, SamplingParams
 from aisandbox.settings import ServerSettings
 
@@ -31,7 +32,7 @@ def prompts(tokenizer, n: int) -> list[list[int]]:  # type: ignore[no-untyped-de
 
 
 async def ours(model_dir: Path, concurrency: int, max_tokens: int) -> tuple[float, int]:
-    engine = TorchEngine(TorchEngineConfig(model_path=model_dir, dtype="float32"))
+    engine = Admission(TorchBackend(TorchEngineConfig(model_path=model_dir, dtype="float32")))
     await engine.start()
     await engine.wait_ready()
     batch = prompts(engine.tokenizer, concurrency)

@@ -3,14 +3,20 @@
 The engine is injected and started in the ASGI lifespan (after gunicorn forks, never in a preloaded master),
 so `/health` answers 503 with a reason while the model loads. `aisandbox.http.asgi` is the only module that
 creates an app at import time, for gunicorn.
+
+The event loop only moves bytes: bodies are read within a size limit and parsed off the loop when large,
+prompts are templated and tokenized on the engine's text pool, and text comes back already detokenized.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -19,26 +25,36 @@ import falcon.asgi
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from aisandbox.errors import EngineDead, EngineNotReady, InvalidRequest, ModelNotFound
+from aisandbox.errors import InvalidRequest, ModelNotFound
 from aisandbox.http import schemas
-from aisandbox.http.errors import Unauthorized, error_response, from_validation_error, register_error_handlers
-from aisandbox.http.generation import ClientDisconnected, Fanout, start_choices
+from aisandbox.http.errors import (
+    InvalidJson,
+    RequestTooLarge,
+    Unauthorized,
+    error_response,
+    from_validation_error,
+    register_error_handlers,
+)
+from aisandbox.http.generation import ClientDisconnected, DisconnectSignal, Generation
 from aisandbox.http.metrics import Metrics
 from aisandbox.runtime.engine import Engine
-from aisandbox.runtime.textgen import check_context
-from aisandbox.runtime.types import EngineState, SamplingParams
+from aisandbox.runtime.types import GenerationRequest
 from aisandbox.settings import ServerSettings
 
 __all__ = ["DISCONNECT_KEY", "create_app"]
 
 log = logging.getLogger(__name__)
 
-DISCONNECT_KEY = "aisandbox.disconnected"
-"""ASGI scope key of the asyncio.Event set when the client disconnects."""
+DISCONNECT_KEY = "aisandbox.disconnect"
+"""ASGI scope key of the request's DisconnectSignal."""
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+# Bodies up to this size are parsed on the event loop (well under a millisecond); larger ones on a thread.
+_PARSE_INLINE_BYTES = 64 * 1024
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def _dumps(obj: Any) -> str:
@@ -55,37 +71,46 @@ def _template(build: Callable[[str], dict[str, Any]]) -> tuple[str, str]:
 
 
 class DisconnectWatch:
-    """ASGI wrapper that notices a client's disconnect at once.
+    """ASGI wrapper that notices a client's disconnect at once, and bounds what a body may buffer.
 
     Falcon's SSE loop only sees a disconnect after it sends the next event, and a non-streaming handler never
     sees one. This wrapper reads `receive` in a task of its own for the whole request, hands the messages on,
-    and sets an event in the scope when `http.disconnect` arrives, so the handler can abort the engine request.
+    and fires the request's DisconnectSignal when `http.disconnect` arrives (and when the request ends, so a
+    generation that never ran is aborted too). Body chunks past `max_body_bytes` are dropped, not buffered:
+    the handler has already seen enough to answer 413.
     """
 
-    def __init__(self, app: falcon.asgi.App) -> None:
+    def __init__(self, app: falcon.asgi.App, max_body_bytes: int) -> None:
         self.app = app
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        disconnected = asyncio.Event()
-        scope[DISCONNECT_KEY] = disconnected
+        signal = DisconnectSignal()
+        scope[DISCONNECT_KEY] = signal
         inbox: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue()
+        limit = self.max_body_bytes
 
         async def pump() -> None:
+            seen = 0
             while True:
                 message = await receive()
-                inbox.put_nowait(message)
                 if message["type"] == "http.disconnect":
-                    disconnected.set()
+                    inbox.put_nowait(message)
+                    signal.fire()
                     return
+                if seen <= limit:  # beyond the limit, chunks are dropped: the handler answers 413
+                    seen += len(message.get("body", b""))
+                    inbox.put_nowait(message)
 
         task = asyncio.create_task(pump())
         try:
             await self.app(scope, inbox.get, send)
         finally:
             task.cancel()
+            signal.fire()
 
 
 class _Lifespan:
@@ -101,15 +126,27 @@ class _Lifespan:
         await self._engine.shutdown()
 
 
-class _Auth:
-    """Checks the bearer token on /v1 routes when an API key is configured."""
+class _RequestContext:
+    """Request ids, the API key (compared in constant time), and one status count per response."""
 
-    def __init__(self, api_key: str | None) -> None:
-        self._expected = f"Bearer {api_key}" if api_key else None
+    def __init__(self, api_key: str | None, metrics: Metrics) -> None:
+        self._expected = f"Bearer {api_key}".encode() if api_key else None
+        self._metrics = metrics
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        if self._expected and req.path.startswith("/v1") and req.get_header("Authorization") != self._expected:
-            raise Unauthorized()
+        given = req.get_header("X-Request-Id")
+        req.context.request_id = given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        resp.set_header("X-Request-Id", req.context.request_id)
+        if self._expected and req.path.startswith("/v1"):
+            token = (req.get_header("Authorization") or "").encode()
+            if not hmac.compare_digest(token, self._expected):
+                raise Unauthorized()
+
+    async def process_response(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object, req_succeeded: bool
+    ) -> None:
+        route = req.uri_template or "unmatched"
+        self._metrics.requests.labels(route, str(resp.status_code)).inc()
 
 
 class _Base:
@@ -153,26 +190,97 @@ class ModelsResource(_Base):
         resp.media = self._card()
 
 
+def _depth_ok(value: Any, limit: int) -> bool:
+    """Whether no array or object in `value` is nested deeper than `limit` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return True
+
+
+def _parse_json(data: bytes, max_depth: int) -> Any:
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise InvalidJson(f"The JSON is nested more than {max_depth} levels deep.") from None
+    except ValueError:  # malformed JSON or bad UTF-8
+        raise InvalidJson() from None
+    if not _depth_ok(value, max_depth):
+        raise InvalidJson(f"The JSON is nested more than {max_depth} levels deep.")
+    return value
+
+
+async def read_json(req: falcon.asgi.Request, max_bytes: int, max_depth: int) -> Any:
+    """The request's JSON body, read within `max_bytes` and parsed off the loop when large."""
+    if req.content_length is not None and req.content_length > max_bytes:
+        raise RequestTooLarge(max_bytes)
+    data = await req.stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise RequestTooLarge(max_bytes)
+    if not data:
+        raise InvalidJson("The body is empty.")
+    if len(data) <= _PARSE_INLINE_BYTES:
+        return _parse_json(data, max_depth)
+    return await asyncio.get_running_loop().run_in_executor(None, _parse_json, data, max_depth)
+
+
 class _GenerateResource(_Base):
-    """What chat and legacy completions share: parse, check, fan out, respond or stream."""
+    """What chat and legacy completions share: parse, tokenize, admit, then respond or stream."""
 
     schema: type[schemas._SamplingFields]
-    route: str
     id_prefix: str
     prompt_param: str
+    chunk_object: str
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        status = 200
+        body = await self._parse(req)
+        if body.model != self.settings.model_name:
+            raise ModelNotFound(body.model)
+        if body.n > self.settings.max_n:
+            raise InvalidRequest(f"n must be at most {self.settings.max_n}.", param="n", code="invalid_value")
+        prompts = await self._prompts(body)
+        asked = body.requested_max_tokens()
+        rid = schemas.new_id(self.id_prefix)
+        requests: list[GenerationRequest] = []
+        for ids in prompts:
+            max_tokens = self.engine.check_context(len(ids), asked, self.prompt_param)
+            for j in range(body.n):
+                sampling = body.to_sampling_params(max_tokens, j)
+                requests.append(GenerationRequest(f"{rid}-{len(requests)}", ids, sampling))
+        gen = Generation(self.engine, requests, req.scope.get(DISCONNECT_KEY)).submit()
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        created = schemas.now()
+        if body.stream:
+            resp.content_type = "text/event-stream"
+            resp.set_header("Cache-Control", "no-cache")
+            resp.sse = self._stream(gen, rid, created, body.include_usage, prompt_tokens, req.context.request_id)
+            return
+        texts = [""] * len(requests)
         try:
-            await self._handle(req, resp)
-        except Exception as exc:
-            status = error_response(exc)[0]
-            raise
-        finally:
-            self.metrics.requests.labels(self.route, str(status)).inc()
+            async with gen:
+                async for index, delta in gen.events():
+                    texts[index] += delta.text
+        except ClientDisconnected:
+            log.info("%s: client disconnected; aborted", rid)
+            resp.status = 499  # nginx's "client closed request": nobody receives it, /metrics counts it
+            return
+        self._observe(gen)
+        use = schemas.usage(prompt_tokens, sum(gen.completion_tokens))
+        choices = [(text, reason or "stop") for text, reason in zip(texts, gen.finish_reasons, strict=True)]
+        resp.media = self._response(rid, created, choices, use)
 
     async def _parse(self, req: falcon.asgi.Request) -> Any:
-        body = await req.get_media()
+        body = await read_json(req, self.settings.max_body_bytes, self.settings.max_json_depth)
         if not isinstance(body, dict):
             raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
         try:
@@ -180,61 +288,15 @@ class _GenerateResource(_Base):
         except ValidationError as exc:
             raise from_validation_error(exc) from None
 
-    def _check_ready(self) -> None:
-        health = self.engine.health()
-        if health.state is EngineState.DEAD:
-            raise EngineDead(f"The engine is unavailable: {health.reason}")
-        if not health.ready:
-            raise EngineNotReady(f"The engine is not ready: {health.reason}. Retry when GET /health returns 200.")
-
-    def _prompts(self, body: Any) -> list[tuple[int, ...]]:
+    async def _prompts(self, body: Any) -> list[tuple[int, ...]]:
         raise NotImplementedError
 
-    async def _handle(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        body = await self._parse(req)
-        if body.model != self.settings.model_name:
-            raise ModelNotFound(body.model)
-        if body.n > self.settings.max_n:
-            raise InvalidRequest(f"n must be at most {self.settings.max_n}.", param="n", code="invalid_value")
-        self._check_ready()
-        prompts = self._prompts(body)
-        max_len = self.engine.model_info.max_model_len
-        asked = body.requested_max_tokens()
-        choices: list[tuple[tuple[int, ...], SamplingParams]] = []
-        for ids in prompts:
-            max_tokens = check_context(len(ids), asked, max_len, self.prompt_param)
-            choices.extend((ids, body.to_sampling_params(max_tokens, j)) for j in range(body.n))
-        rid = schemas.new_id(self.id_prefix)
-        fan = start_choices(self.engine, rid, choices, req.scope.get(DISCONNECT_KEY))
-        prompt_tokens = sum(len(ids) for ids in prompts)
-        self.metrics.prompt_tokens.inc(prompt_tokens)
-        created = schemas.now()
-        if body.stream:
-            resp.content_type = "text/event-stream"
-            resp.set_header("Cache-Control", "no-cache")
-            resp.sse = self._stream(fan, rid, created, body, prompt_tokens)
-            return
-        texts = [""] * len(choices)
-        reasons = [""] * len(choices)
-        try:
-            async for index, delta in fan.events():
-                texts[index] += delta.text
-                if delta.finish_reason is not None:
-                    reasons[index] = delta.finish_reason.value
-        except ClientDisconnected:
-            log.info("%s: client disconnected; aborted", rid)
-            return
-        self._observe(fan, reasons)
-        use = schemas.usage(prompt_tokens, sum(fan.completion_tokens))
-        resp.media = self._response(rid, created, list(zip(texts, reasons, strict=True)), use)
-
-    def _observe(self, fan: Fanout, reasons: list[str]) -> None:
-        end = time.perf_counter()
-        if fan.first_text_at is not None:
-            self.metrics.ttft.observe(fan.first_text_at - fan.started)
-        self.metrics.e2e.observe(end - fan.started)
-        self.metrics.generation_tokens.inc(sum(fan.completion_tokens))
-        for reason in reasons:
+    def _observe(self, gen: Generation) -> None:
+        if gen.first_text_at is not None:
+            self.metrics.ttft.observe(gen.first_text_at - gen.started)
+        self.metrics.e2e.observe(time.perf_counter() - gen.started)
+        self.metrics.generation_tokens.inc(sum(gen.completion_tokens))
+        for reason in gen.finish_reasons:
             self.metrics.finished.labels(reason or "abort").inc()
 
     def _response(self, rid: str, created: int, choices: list[tuple[str, str]], use: dict[str, int]) -> dict[str, Any]:
@@ -247,50 +309,47 @@ class _GenerateResource(_Base):
         raise NotImplementedError
 
     async def _stream(
-        self, fan: Fanout, rid: str, created: int, body: Any, prompt_tokens: int
+        self, gen: Generation, rid: str, created: int, include_usage: bool, prompt_tokens: int, request_id: str
     ) -> AsyncIterator[falcon.asgi.SSEvent]:
-        reasons = [""] * len(fan.streams)
+        count = len(gen.requests)
         # Text chunks differ only in their text: encode each choice's chunk once around a marker, then splice.
-        templates = [_template(lambda text, i=i: self._chunk(rid, created, i, text, None)) for i in range(len(reasons))]
+        templates = [_template(lambda text, i=i: self._chunk(rid, created, i, text, None)) for i in range(count)]
+        SSEvent = falcon.asgi.SSEvent
         try:
-            for chunk in self._first_chunks(rid, created, len(fan.streams)):
-                yield falcon.asgi.SSEvent(text=_dumps(chunk))
-            async for index, delta in fan.events():
-                if delta.finish_reason is None:
-                    head, tail = templates[index]
-                    yield falcon.asgi.SSEvent(text=head + _dumps(delta.text) + tail)
-                    continue
-                reasons[index] = reason = delta.finish_reason.value
-                yield falcon.asgi.SSEvent(text=_dumps(self._chunk(rid, created, index, delta.text, reason)))
-            if body.include_usage:
-                use = schemas.usage(prompt_tokens, sum(fan.completion_tokens))
-                chunk = schemas.usage_chunk(rid, created, self.settings.model_name, self._chunk_object, use)
-                yield falcon.asgi.SSEvent(text=_dumps(chunk))
-            self._observe(fan, reasons)
+            async with gen:
+                for chunk in self._first_chunks(rid, created, count):
+                    yield SSEvent(text=_dumps(chunk))
+                async for index, delta in gen.events():
+                    if delta.finish_reason is None:
+                        head, tail = templates[index]
+                        yield SSEvent(text=head + _dumps(delta.text) + tail)
+                    else:
+                        chunk = self._chunk(rid, created, index, delta.text, delta.finish_reason.value)
+                        yield SSEvent(text=_dumps(chunk))
+            if include_usage:
+                use = schemas.usage(prompt_tokens, sum(gen.completion_tokens))
+                chunk = schemas.usage_chunk(rid, created, self.settings.model_name, self.chunk_object, use)
+                yield SSEvent(text=_dumps(chunk))
+            self._observe(gen)
         except ClientDisconnected:
             log.info("%s: client disconnected mid-stream; aborted", rid)
             return
         except Exception as exc:
             # The stream has started: the error goes out as a last event in the same envelope.
-            yield falcon.asgi.SSEvent(text=_dumps(error_response(exc)[1]))
-        finally:
-            await fan.close()
-        yield falcon.asgi.SSEvent(text="[DONE]")
-
-    _chunk_object = ""
+            yield SSEvent(text=_dumps(error_response(exc, request_id)[1]))
+        yield SSEvent(text="[DONE]")
 
 
 class ChatCompletionsResource(_GenerateResource):
     """POST /v1/chat/completions."""
 
     schema = schemas.ChatCompletionRequest
-    route = "/v1/chat/completions"
     id_prefix = "chatcmpl"
     prompt_param = "messages"
-    _chunk_object = "chat.completion.chunk"
+    chunk_object = "chat.completion.chunk"
 
-    def _prompts(self, body: Any) -> list[tuple[int, ...]]:
-        return [tuple(self.engine.tokenizer.encode_chat(body.conversation()))]
+    async def _prompts(self, body: Any) -> list[tuple[int, ...]]:
+        return [tuple(await self.engine.encode_chat(body.conversation()))]
 
     def _response(self, rid: str, created: int, choices: list[tuple[str, str]], use: dict[str, int]) -> dict[str, Any]:
         return schemas.chat_response(rid, created, self.settings.model_name, choices, use)
@@ -308,18 +367,16 @@ class CompletionsResource(_GenerateResource):
     """POST /v1/completions."""
 
     schema = schemas.CompletionRequest
-    route = "/v1/completions"
     id_prefix = "cmpl"
     prompt_param = "prompt"
-    _chunk_object = "text_completion"
+    chunk_object = "text_completion"
 
-    def _prompts(self, body: Any) -> list[tuple[int, ...]]:
-        tok = self.engine.tokenizer
+    async def _prompts(self, body: Any) -> list[tuple[int, ...]]:
         vocab = self.engine.model_info.vocab_size
         out = []
         for p in body.prompts():
             if isinstance(p, str):
-                out.append(tuple(tok.encode(p)))
+                out.append(tuple(await self.engine.encode(p)))
             else:
                 if any(t < 0 or t >= vocab for t in p):
                     raise InvalidRequest(
@@ -337,9 +394,9 @@ class CompletionsResource(_GenerateResource):
 
 def create_app(settings: ServerSettings, engine: Engine) -> DisconnectWatch:
     """Build the ASGI app around an engine (not yet started: the lifespan starts it)."""
-    app = falcon.asgi.App(middleware=[_Lifespan(engine), _Auth(settings.api_key)], cors_enable=False)
-    app.req_options.strip_url_path_trailing_slash = True
     metrics = Metrics(engine)
+    app = falcon.asgi.App(middleware=[_Lifespan(engine), _RequestContext(settings.api_key, metrics)], cors_enable=False)
+    app.req_options.strip_url_path_trailing_slash = True
     deps = (settings, engine, metrics)
     models = ModelsResource(*deps)
     app.add_route("/health", HealthResource(*deps))
@@ -349,4 +406,4 @@ def create_app(settings: ServerSettings, engine: Engine) -> DisconnectWatch:
     app.add_route("/v1/chat/completions", ChatCompletionsResource(*deps))
     app.add_route("/v1/completions", CompletionsResource(*deps))
     register_error_handlers(app)
-    return DisconnectWatch(app)
+    return DisconnectWatch(app, settings.max_body_bytes)

@@ -19,7 +19,14 @@ from aisandbox.errors import (
 )
 from aisandbox.http.schemas import error_body
 
-__all__ = ["error_response", "from_validation_error", "register_error_handlers"]
+__all__ = [
+    "InvalidJson",
+    "RequestTooLarge",
+    "Unauthorized",
+    "error_response",
+    "from_validation_error",
+    "register_error_handlers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,27 @@ class Unauthorized(AisandboxError):
         super().__init__(
             "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.", code="invalid_api_key"
         )
+
+
+class RequestTooLarge(AisandboxError):
+    """The request body is larger than the configured limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"The request body is larger than this server accepts ({limit} bytes).", code="request_too_large"
+        )
+
+
+class InvalidJson(InvalidRequest):
+    """The body is not JSON, not UTF-8, or nested deeper than the parser allows."""
+
+    _HINT = (
+        "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
+        "HTTP library correctly. The OpenAI API expects a JSON payload.)"
+    )
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(f"{self._HINT} {detail}" if detail else self._HINT, code="invalid_json")
 
 
 _UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
@@ -82,25 +110,27 @@ def from_validation_error(exc: ValidationError) -> InvalidRequest:
     return InvalidRequest(message, param=param, code=code)
 
 
-def error_response(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """Status, body and extra headers for any exception; unexpected ones become a logged 500."""
+def error_response(exc: BaseException, request_id: str | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, body and extra headers for any exception; an unexpected one becomes a 500, logged here, once."""
     if isinstance(exc, ValidationError):
         exc = from_validation_error(exc)
     if isinstance(exc, Unauthorized):
         return 401, error_body(exc.message, "invalid_request_error", None, exc.code), {}
+    if isinstance(exc, RequestTooLarge):
+        return 413, error_body(exc.message, "invalid_request_error", None, exc.code), {"Connection": "close"}
     for cls, status, type_ in _MAP:
         if isinstance(exc, cls):
             headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else {}
             return status, error_body(exc.message, type_, exc.param, exc.code), headers
-    log.error("unexpected error", exc_info=exc)
+    log.error("request %s failed with an unexpected error", request_id or "?", exc_info=exc)
     return 500, error_body("The server had an error while processing your request.", "server_error"), {}
 
 
 def register_error_handlers(app: falcon.asgi.App) -> None:
-    """Send every error, Falcon's own included, in OpenAI's envelope."""
+    """Send every error, Falcon's own included, in OpenAI's envelope; each is mapped exactly once."""
 
     async def handle(req: falcon.asgi.Request, resp: falcon.asgi.Response, exc: BaseException, params: Any) -> None:
-        status, body, headers = error_response(exc)
+        status, body, headers = error_response(exc, getattr(req.context, "request_id", None))
         resp.status = status
         resp.media = body
         resp.set_headers(headers)
@@ -109,26 +139,19 @@ def register_error_handlers(app: falcon.asgi.App) -> None:
         req: falcon.asgi.Request, resp: falcon.asgi.Response, exc: falcon.HTTPError, params: Any
     ) -> None:
         if isinstance(exc, falcon.MediaMalformedError | falcon.MediaNotFoundError):
-            body = error_body(
-                "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
-                "HTTP library correctly. The OpenAI API expects a JSON payload.)",
-                "invalid_request_error",
-                None,
-                "invalid_json",
-            )
             resp.status = 400
-        else:
-            status = exc.status_code
-            type_ = "invalid_request_error" if status < 500 else "server_error"
-            message = exc.description or exc.title or "error"
-            if status == 404:
-                message = f"Invalid URL ({req.method} {req.path})"
-            elif status == 405:
-                message = f"Method {req.method} is not allowed for {req.path}"
-            body = error_body(message, type_, None, None)
-            resp.status = status
-            resp.set_headers(exc.headers or {})
-        resp.media = body
+            resp.media = error_body(InvalidJson._HINT, "invalid_request_error", None, "invalid_json")
+            return
+        status = exc.status_code
+        type_ = "invalid_request_error" if status < 500 else "server_error"
+        message = exc.description or exc.title or "error"
+        if status == 404:
+            message = f"Invalid URL ({req.method} {req.path})"
+        elif status == 405:
+            message = f"Method {req.method} is not allowed for {req.path}"
+        resp.status = status
+        resp.set_headers(exc.headers or {})
+        resp.media = error_body(message, type_, None, None)
 
     app.add_error_handler(Exception, handle)
     app.add_error_handler(falcon.HTTPError, handle_falcon)

@@ -1,116 +1,106 @@
-"""Run one OpenAI request on the engine: fan out its n choices and merge their text streams.
+"""One API request's run on the engine, as one object with a lifetime.
 
-Each choice is its own engine request. One task per choice pumps its text into a shared queue; a watcher
-puts a marker there when the client disconnects; the consumer (an SSE generator or a non-streaming handler)
-reads the queue. Whoever stops reading first, the consumer closing or the client leaving, cancels the
-tasks, which aborts every engine request at once.
+`Generation` submits all its choices when it starts (admission errors are raised there, before any response
+is sent), and aborts every unfinished choice on every way out: the consumer finishing or failing, the client
+disconnecting (the ASGI wrapper calls back at once), or the request ending without the consumer ever having
+run. Streaming and non-streaming responses are two short functions over `events()`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from types import TracebackType
 
-from aisandbox.errors import EngineNotReady
-from aisandbox.runtime.engine import Engine
-from aisandbox.runtime.textgen import stream_text
-from aisandbox.runtime.types import FinishReason, GenerationRequest, SamplingParams, TextDelta
+from aisandbox.runtime.engine import Engine, RequestStream
+from aisandbox.runtime.types import GenerationRequest, TextDelta
 
-__all__ = ["ClientDisconnected", "Fanout", "start_choices"]
+__all__ = ["ClientDisconnected", "DisconnectSignal", "Generation"]
 
 
 class ClientDisconnected(Exception):
     """The client went away; the engine requests were aborted."""
 
 
-_DISCONNECTED = object()
+class DisconnectSignal:
+    """Set once when the client disconnects; runs the callbacks registered until then at once."""
+
+    __slots__ = ("_callbacks", "fired")
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._callbacks: list[Callable[[], None]] = []
+
+    def add(self, callback: Callable[[], None]) -> None:
+        """Run `callback` when the client disconnects (now, if it already has)."""
+        if self.fired:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def fire(self) -> None:
+        """The client disconnected (or the request ended): run every callback once."""
+        if not self.fired:
+            self.fired = True
+            callbacks, self._callbacks = self._callbacks, []
+            for callback in callbacks:
+                callback()
 
 
-@dataclass
-class Fanout:
-    """The merged text stream of all choices of one request."""
+class Generation:
+    """The engine requests of one API request: one per choice (n) and prompt."""
 
-    streams: list[AsyncIterator[TextDelta]]
-    disconnected: asyncio.Event | None = None
-    started: float = field(default_factory=time.perf_counter)
-    first_text_at: float | None = None
-    completion_tokens: list[int] = field(default_factory=list)
+    def __init__(
+        self, engine: Engine, requests: Sequence[GenerationRequest], disconnect: DisconnectSignal | None = None
+    ) -> None:
+        self.engine = engine
+        self.requests = tuple(requests)
+        self.disconnect = disconnect
+        self.started = time.perf_counter()
+        self.first_text_at: float | None = None
+        self.completion_tokens = [0] * len(self.requests)
+        self.finish_reasons: list[str | None] = [None] * len(self.requests)
+        self._stream: RequestStream | None = None
 
-    def __post_init__(self) -> None:
-        self._queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
-        self.completion_tokens = [0] * len(self.streams)
-        self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(self.streams)]
-        if self.disconnected is not None:
-            self._tasks.append(asyncio.create_task(self._watch(self.disconnected)))
-
-    async def _pump(self, index: int, stream: AsyncIterator[TextDelta]) -> None:
-        try:
-            async for delta in stream:
-                self._queue.put_nowait((index, delta))
-        except Exception as exc:  # handed to the consumer, who maps it once
-            self._queue.put_nowait((index, exc))
-        finally:
-            with contextlib.suppress(Exception):
-                await stream.aclose()  # type: ignore[attr-defined]
-
-    async def _watch(self, event: asyncio.Event) -> None:
-        await event.wait()
-        self._queue.put_nowait((-1, _DISCONNECTED))
-
-    async def events(self) -> AsyncIterator[tuple[int, TextDelta]]:
-        """Yield (choice index, delta) until every choice finished.
+    def submit(self) -> Generation:
+        """Admit every choice or none.
 
         Raises:
-            ClientDisconnected: The client left; the engine requests are aborted.
-            AisandboxError: A choice failed; the others are aborted.
+            Overloaded, EngineNotReady, EngineDead, InvalidRequest: Nothing was left running.
         """
-        remaining = len(self.streams)
-        try:
-            while remaining:
-                index, item = await self._queue.get()
-                if item is _DISCONNECTED:
-                    raise ClientDisconnected()
-                if isinstance(item, BaseException):
-                    raise item
-                assert isinstance(item, TextDelta)
-                if self.first_text_at is None and item.completion_tokens:
-                    self.first_text_at = time.perf_counter()
-                self.completion_tokens[index] = item.completion_tokens
-                if item.finish_reason is not None:
-                    remaining -= 1
-                    if item.finish_reason is FinishReason.ABORT:
-                        raise EngineNotReady("The request was aborted: the server is shutting down.")
-                yield index, item
-        finally:
-            await self.close()
+        self._stream = stream = self.engine.submit(self.requests)
+        if self.disconnect is not None:
+            self.disconnect.add(lambda: stream.cancel(ClientDisconnected()))
+        return self
+
+    async def __aenter__(self) -> Generation:
+        if self._stream is None:
+            self.submit()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
 
     async def close(self) -> None:
-        """Cancel every pump (aborting unfinished engine requests) and wait for them."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Abort every unfinished choice in the engine."""
+        if self._stream is not None:
+            await self._stream.aclose()
 
+    async def events(self) -> AsyncIterator[tuple[int, TextDelta]]:
+        """Yield (choice index, text delta) until every choice has finished.
 
-def start_choices(
-    engine: Engine,
-    request_id: str,
-    choices: Sequence[tuple[tuple[int, ...], SamplingParams]],
-    disconnected: asyncio.Event | None,
-) -> Fanout:
-    """Submit one engine request per choice (prompt ids, sampling), all or none.
-
-    Raises:
-        Overloaded, EngineNotReady, EngineDead: Nothing was left running.
-    """
-    streams: list[AsyncIterator[TextDelta]] = []
-    try:
-        for i, (prompt_ids, params) in enumerate(choices):
-            streams.append(stream_text(engine, GenerationRequest(f"{request_id}-{i}", prompt_ids, params)))
-    except BaseException:
-        for submitted in range(len(streams)):
-            engine.abort(f"{request_id}-{submitted}")
-        raise
-    return Fanout(streams, disconnected)
+        Raises:
+            ClientDisconnected: The client left; every choice is aborted.
+            AisandboxError: The engine failed a choice or went away; the others are aborted.
+        """
+        assert self._stream is not None, "submit() first"
+        tokens, reasons = self.completion_tokens, self.finish_reasons
+        async for index, delta in self._stream:
+            if self.first_text_at is None and delta.completion_tokens:
+                self.first_text_at = time.perf_counter()
+            tokens[index] = delta.completion_tokens
+            if delta.finish_reason is not None:
+                reasons[index] = delta.finish_reason.value
+            yield index, delta

@@ -28,6 +28,8 @@ class _EngineGauges(Collector):
         yield GaugeMetricFamily("aisandbox_requests_waiting", "Sequences waiting for prefill.", value=stats.waiting)
         yield GaugeMetricFamily("aisandbox_kv_cache_usage_ratio", "KV cache in use, 0..1.", value=stats.kv_cache_usage)
         yield GaugeMetricFamily("aisandbox_engine_ready", "1 when the engine serves.", value=int(health.ready))
+        for name, value in sorted(stats.extra.items()):
+            yield GaugeMetricFamily(f"aisandbox_engine_{name}", f"Backend gauge '{name}'.", value=value)
 
 
 class Metrics:

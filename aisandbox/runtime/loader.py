@@ -1,13 +1,14 @@
-"""Create the engine that the settings ask for."""
+"""Create the engine that the settings ask for: the admission layer over one backend, built the same way."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from aisandbox.runtime.engine import Engine
+from aisandbox.runtime.admission import Admission, AdmissionLimits
+from aisandbox.runtime.engine import Backend
 from aisandbox.settings import ServerSettings
 
-__all__ = ["create_engine", "resolve_model_path"]
+__all__ = ["create_backend", "create_engine", "resolve_model_path"]
 
 
 def resolve_model_path(settings: ServerSettings) -> Path:
@@ -17,26 +18,23 @@ def resolve_model_path(settings: ServerSettings) -> Path:
     return settings.model if settings.model is not None else prepare_default_model(settings.cache_dir)
 
 
-def create_engine(settings: ServerSettings) -> Engine:
-    """Build (not start) the engine for these settings; cheap, loads nothing."""
+def create_backend(settings: ServerSettings) -> Backend:
+    """The backend for these settings: each backend class builds itself from the settings."""
+    if settings.null_engine:
+        from aisandbox.runtime.null_backend import NullBackend
+
+        return NullBackend.from_settings(settings)
     if settings.backend == "trtllm":
-        from aisandbox.runtime.trtllm_backend import create_trtllm_engine
+        from aisandbox.runtime.trtllm_backend import TrtllmBackend
 
-        return create_trtllm_engine(settings)
-    from aisandbox.runtime.torch_backend import TorchEngine, TorchEngineConfig
+        return TrtllmBackend.from_settings(settings)
+    from aisandbox.runtime.torch_backend import TorchBackend
 
-    return TorchEngine(
-        TorchEngineConfig(
-            model_path=settings.model,
-            cache_dir=settings.cache_dir,
-            device=settings.device,
-            dtype=settings.dtype,
-            tokenizer_mode=settings.tokenizer_mode,
-            max_batch_size=settings.max_batch_size,
-            max_prefill_tokens=settings.max_prefill_tokens,
-            max_model_len=settings.max_model_len,
-            max_queue=settings.max_queue,
-            threads=settings.threads,
-            prefix_cache_mb=settings.prefix_cache_mb,
-        )
+    return TorchBackend.from_settings(settings)
+
+
+def create_engine(settings: ServerSettings) -> Admission:
+    """Build (not start) the engine for these settings; cheap, loads nothing."""
+    return Admission(
+        create_backend(settings), AdmissionLimits(max_queue=settings.max_queue, text_workers=settings.text_workers)
     )

@@ -1,23 +1,25 @@
 """The shared text layer: token deltas from any backend in, text deltas out.
 
-Detokenizes incrementally, applies stop strings with hold-back, and aborts the engine request as soon as a
-stop string matches. Both backends stream token ids only, so this is the one place where text is made.
+`TextState` holds one sequence's incremental detokenizer and stop-string matcher. The admission layer runs
+it on its text thread, once per engine step for all sequences, never on the event loop; both backends
+stream token ids only, so this is the one place where text is made.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from aisandbox.errors import ContextLengthExceeded, EngineDead, EngineError
+from aisandbox.errors import ContextLengthExceeded
 from aisandbox.runtime.detokenizer import IncrementalDetokenizer
-from aisandbox.runtime.engine import Engine, RequestStream
+from aisandbox.runtime.engine import Engine
 from aisandbox.runtime.stop import StopMatcher
-from aisandbox.runtime.types import EngineState, FinishReason, GenerationRequest, TextDelta
+from aisandbox.runtime.tokenizer import Tokenizer
+from aisandbox.runtime.types import FinishReason, GenerationRequest, TextDelta, TokenDelta
 
-__all__ = ["check_context", "stream_text"]
+__all__ = ["TextState", "check_context", "stream_text"]
 
 
-def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int, param: str) -> int:
+def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int, param: str | None) -> int:
     """Resolve max_tokens against the context window.
 
     Args:
@@ -44,47 +46,52 @@ def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int, p
     return room if max_tokens is None else max_tokens
 
 
-def stream_text(engine: Engine, request: GenerationRequest) -> AsyncIterator[TextDelta]:
-    """Submit a request now and return an async iterator of its text as it is generated.
+class TextState:
+    """One sequence's text: detokenizer, stop strings, token count. Used by one thread at a time."""
 
-    The last delta carries the finish reason. Leaving the iteration early (or closing it) aborts the engine
-    request at once.
+    __slots__ = ("_detok", "_min_tokens", "_stops", "count", "finished")
 
-    Raises:
-        Overloaded, EngineNotReady, EngineDead: From submit, at once, before anything is iterated.
-        EngineError: While iterating, when the engine failed this request mid-way.
+    def __init__(self, tokenizer: Tokenizer, request: GenerationRequest) -> None:
+        sampling = request.sampling
+        self._detok = IncrementalDetokenizer(tokenizer, request.prompt_token_ids)
+        self._stops = StopMatcher(sampling.stop)
+        self._min_tokens = sampling.min_tokens
+        self.count = 0
+        self.finished = False
+
+    def feed(self, delta: TokenDelta) -> TextDelta | None:
+        """Turn one token delta into a text delta (None when nothing is to be shown yet).
+
+        The result ends the sequence (finish_reason set) when the backend ended it or a stop string matched;
+        then `finished` is True and, for a stop string, the caller aborts the backend's sequence.
+        """
+        self.count += len(delta.token_ids)
+        shown = delta.token_ids[:-1] if delta.stop_token_id is not None else delta.token_ids
+        text = self._detok.add(shown)
+        done = delta.finish_reason is not None
+        if done:
+            text += self._detok.flush()
+        if self._stops.active and self.count >= self._min_tokens:
+            text, matched = self._stops.feed(text)
+            if matched is not None:
+                self.finished = True
+                return TextDelta(text, self.count, FinishReason.STOP, matched)
+            if done:
+                text += self._stops.flush()
+        if done:
+            self.finished = True
+            return TextDelta(text, self.count, delta.finish_reason, delta.stop_token_id)
+        return TextDelta(text, self.count) if text else None
+
+
+async def stream_text(engine: Engine, request: GenerationRequest) -> AsyncIterator[TextDelta]:
+    """Submit one request and yield its text as it is generated; the last delta carries the finish reason.
+
+    Leaving the iteration early aborts the engine request at once.
     """
-    stream = engine.submit(request)
-    return _text_deltas(engine, request, stream)
-
-
-async def _text_deltas(engine: Engine, request: GenerationRequest, stream: RequestStream) -> AsyncIterator[TextDelta]:
-    sampling = request.sampling
-    detok = IncrementalDetokenizer(engine.tokenizer, request.prompt_token_ids)
-    stops = StopMatcher(sampling.stop)
-    count = 0
+    stream = engine.submit([request])
     try:
-        async for delta in stream:
-            if delta.error is not None:
-                if engine.health().state is EngineState.DEAD:
-                    raise EngineDead(delta.error)
-                raise EngineError(delta.error)
-            count += len(delta.token_ids)
-            shown = delta.token_ids[:-1] if delta.stop_token_id is not None else delta.token_ids
-            text = detok.add(shown)
-            if delta.finish_reason is not None:
-                text += detok.flush()
-            if stops.active and count >= sampling.min_tokens:
-                text, matched = stops.feed(text)
-                if matched is not None:
-                    yield TextDelta(text, count, FinishReason.STOP, matched)
-                    return
-                if delta.finish_reason is not None:
-                    text += stops.flush()
-            if delta.finish_reason is not None:
-                yield TextDelta(text, count, delta.finish_reason, delta.stop_token_id)
-                return
-            if text:
-                yield TextDelta(text, count)
+        async for _, delta in stream:
+            yield delta
     finally:
         await stream.aclose()

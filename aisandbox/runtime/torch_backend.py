@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import os
 import queue
 import random
 import threading
@@ -36,21 +35,19 @@ from typing import Any
 
 import torch
 
-from aisandbox.errors import EngineDead, EngineNotReady, InvalidRequest, Overloaded
-from aisandbox.runtime.collector import RequestHandle
+from aisandbox.runtime.engine import BackendHost
 from aisandbox.runtime.tokenizer import Tokenizer, load_tokenizer
 from aisandbox.runtime.types import (
-    EngineState,
     EngineStats,
     FinishReason,
     GenerationRequest,
-    Health,
     ModelInfo,
     SamplingParams,
     TokenDelta,
 )
+from aisandbox.settings import ServerSettings
 
-__all__ = ["TorchEngine", "TorchEngineConfig", "pick_dtype"]
+__all__ = ["TorchBackend", "TorchEngineConfig", "pick_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +68,6 @@ class TorchEngineConfig:
     max_batch_size: int = 32
     max_prefill_tokens: int = 512
     max_model_len: int | None = None
-    max_queue: int = 256
     threads: int | None = None
     prefix_cache_mb: int = 256
 
@@ -139,11 +135,9 @@ class _Seq:
     """One running or waiting sequence, owned by the engine thread."""
 
     request: GenerationRequest
-    handle: RequestHandle
     generator: torch.Generator | None = None
     output: list[int] = field(default_factory=list)
     start_col: int = 0  # first KV column of this row
-    arrived: float = field(default_factory=time.monotonic)
 
     @property
     def sampling(self) -> SamplingParams:
@@ -260,10 +254,6 @@ class _SlotKV:
             k[row, :, lo:hi] = block[i, 0]
             v[row, :, lo:hi] = block[i, 1]
 
-    def memory_bytes(self) -> int:
-        """Bytes held by all buffers."""
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
     # The only method the model calls.
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -285,122 +275,91 @@ class _SlotKV:
         return self.hi - self.lo
 
 
-class TorchEngine:
-    """In-flight batching engine over a transformers model, driven by one thread."""
+class TorchBackend:
+    """In-flight batching over a transformers model, driven by one thread (a `Backend`)."""
 
     def __init__(self, config: TorchEngineConfig) -> None:
         self.config = config
-        self._state = EngineState.LOADING
-        self._reason: str | None = "loading the model"
+        self._host: BackendHost | None = None
         self._tokenizer: Tokenizer | None = None
         self._info: ModelInfo | None = None
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
+        # Written by the engine thread only; read for stats.
         self._n_running = 0
-        self._n_waiting = 0
         self._kv_usage = 0.0
         self._steps = 0
-        self._handles: dict[str, RequestHandle] = {}
         self._prefix = _PrefixCache(0)
 
-    # ---- Engine protocol (event-loop side) ----
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> TorchBackend:
+        """The backend for `aisandbox serve` without --engine."""
+        return cls(
+            TorchEngineConfig(
+                model_path=settings.model,
+                cache_dir=settings.cache_dir,
+                device=settings.device,
+                dtype=settings.dtype,
+                tokenizer_mode=settings.tokenizer_mode,
+                max_batch_size=settings.max_batch_size,
+                max_prefill_tokens=settings.max_prefill_tokens,
+                max_model_len=settings.max_model_len,
+                threads=settings.threads,
+                prefix_cache_mb=settings.prefix_cache_mb,
+            )
+        )
 
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+    # ---- Backend protocol (event-loop side) ----
+
+    def start(self, host: BackendHost) -> None:
+        self._host = host
         self._thread = threading.Thread(target=self._thread_main, name="aisandbox-torch-engine", daemon=True)
         self._thread.start()
-
-    async def wait_ready(self, timeout_s: float | None = None) -> Health:
-        await asyncio.get_running_loop().run_in_executor(None, self._ready.wait, timeout_s)
-        return self.health()
 
     async def shutdown(self) -> None:
         if self._thread is None:
             return
-        if self._state is EngineState.READY:
-            self._state, self._reason = EngineState.DRAINING, "shutting down"
         self._inbox.put(("stop", None))
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30.0)
         self._thread = None
 
-    def health(self) -> Health:
-        return Health(self._state, self._reason)
-
     def stats(self) -> EngineStats:
+        prefix = self._prefix
         return EngineStats(
             running=self._n_running,
-            waiting=self._n_waiting,
+            waiting=0,
             kv_cache_usage=self._kv_usage,
             extra={
                 "steps": float(self._steps),
-                "prefix_cache_hit_ratio": self._prefix.hits / max(1, self._prefix.queries) if self._info else 0.0,
+                "prefix_cache_hit_ratio": prefix.hits / max(1, prefix.queries),
             },
         )
 
-    @property
-    def model_info(self) -> ModelInfo:
-        if self._info is None:
-            raise EngineNotReady(self._reason or "The engine is not ready.")
-        return self._info
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            raise EngineNotReady(self._reason or "The engine is not ready.")
-        return self._tokenizer
-
-    def submit(self, request: GenerationRequest) -> RequestHandle:
-        if self._state is EngineState.DEAD:
-            raise EngineDead(self._reason or "The engine has failed.")
-        if self._state is not EngineState.READY:
-            raise EngineNotReady(f"The engine is not ready: {self._reason}.")
-        info = self.model_info
-        if not request.prompt_token_ids:
-            raise InvalidRequest("The prompt is empty.", param="prompt")
-        if len(request.prompt_token_ids) + request.sampling.max_tokens > info.max_model_len:
-            raise InvalidRequest("prompt + max_tokens exceed the context window", code="context_length_exceeded")
-        if self._n_waiting >= self.config.max_queue:
-            raise Overloaded(f"{self._n_waiting} requests are waiting; retry later.")
-        if request.request_id in self._handles:
-            raise InvalidRequest(f"duplicate request id {request.request_id}")
-        handle = RequestHandle(request.request_id, self.abort)
-        self._handles[request.request_id] = handle
-        self._n_waiting += 1  # counted here so a burst sees its own queue at once
-        self._inbox.put(("add", (request, handle)))
-        return handle
+    def add(self, request: GenerationRequest) -> None:
+        self._inbox.put(("add", request))
 
     def abort(self, request_id: str) -> None:
-        if request_id in self._handles:
-            self._inbox.put(("abort", request_id))
-
-    def _deliver(self, batch: list[tuple[RequestHandle, TokenDelta]]) -> None:
-        """Runs on the event loop: hand each delta to its request's collector."""
-        for handle, delta in batch:
-            handle.collector.put(delta)
-            if delta.finish_reason is not None:
-                self._handles.pop(handle.request_id, None)
+        self._inbox.put(("abort", request_id))
 
     # ---- engine thread ----
 
     def _thread_main(self) -> None:
+        assert self._host is not None
         try:
             self._load()
         except Exception as exc:  # report any load failure through health, not a crash of the worker
             log.exception("engine failed to load")
-            self._state, self._reason = EngineState.DEAD, f"failed to load the model: {exc}"
-            self._ready.set()
+            self._host.failed(f"failed to load the model: {exc}")
             return
-        self._state, self._reason = EngineState.READY, None
-        self._ready.set()
+        assert self._info is not None and self._tokenizer is not None
+        self._host.loaded(self._info, self._tokenizer)
         try:
             with torch.inference_mode():
                 self._serve()
         except Exception as exc:
             log.exception("engine loop failed")
-            self._state, self._reason = EngineState.DEAD, f"engine loop failed: {exc}"
-            self._fail_all(str(exc))
+            self._n_running = 0
+            self._host.failed(f"engine loop failed: {exc}")
 
     def _load(self) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -439,7 +398,9 @@ class TorchEngine:
         gen_eos = getattr(model.generation_config, "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         vocab = int(text_cfg.vocab_size)
-        self._info = ModelInfo(max_model_len=max_len, eos_token_ids=tuple(sorted(eos)), vocab_size=vocab)
+        self._info = ModelInfo(
+            max_model_len=max_len, eos_token_ids=tuple(sorted(eos)), vocab_size=vocab, max_running=cfg.max_batch_size
+        )
         self._eos = torch.tensor(sorted(eos), dtype=torch.long, device=self._device)
         heads = int(text_cfg.num_attention_heads)
         kv_heads = int(getattr(text_cfg, "num_key_value_heads", None) or heads)
@@ -461,6 +422,8 @@ class TorchEngine:
         )
 
     def _serve(self) -> None:
+        assert self._host is not None
+        emit = self._host.emit
         waiting: deque[_Seq] = deque()
         running: list[_Seq] = []
         self._col = 0  # next KV column to write, shared by all running rows
@@ -473,55 +436,31 @@ class TorchEngine:
                     break
                 block = False
                 if kind == "stop":
-                    self._fail_all("the server is shutting down", waiting, running)
                     return
                 if kind == "add":
-                    request, handle = payload
-                    waiting.append(_Seq(request, handle, _make_generator(request.sampling, self._device)))
+                    waiting.append(_Seq(payload, _make_generator(payload.sampling, self._device)))
                 elif kind == "abort":
                     self._abort(payload, waiting, running)
-            out: list[tuple[RequestHandle, TokenDelta]] = []
+            out: list[tuple[str, TokenDelta]] = []
             admitted = self._admit(waiting, running)
             if admitted:
                 self._prefill(admitted, running, out)
             if running:
                 self._decode(running, out)
-            self._n_running, self._n_waiting = len(running), len(waiting) + self._inbox.qsize()
+            self._n_running = len(running)
             self._steps += 1
             if out:
-                assert self._loop is not None
-                self._loop.call_soon_threadsafe(self._deliver, out)
+                emit(out)
 
     def _abort(self, request_id: str, waiting: deque[_Seq], running: list[_Seq]) -> None:
         for seq in waiting:
             if seq.request.request_id == request_id:
                 waiting.remove(seq)
-                self._finish_async(seq, FinishReason.ABORT)
                 return
         for row, seq in enumerate(running):
             if seq.request.request_id == request_id:
                 self._remove_row(running, row)
-                self._finish_async(seq, FinishReason.ABORT)
                 return
-
-    def _finish_async(self, seq: _Seq, reason: FinishReason, error: str | None = None) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._deliver, [(seq.handle, TokenDelta((), reason, error=error))])
-
-    def _fail_all(self, error: str, *groups: Any) -> None:
-        for group in groups:
-            for seq in list(group):
-                self._finish_async(seq, FinishReason.ABORT, error)
-            group.clear()
-        # Requests still in the inbox.
-        while True:
-            try:
-                kind, payload = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "add":
-                self._finish_async(_Seq(payload[0], payload[1]), FinishReason.ABORT, error)
-        self._n_running = self._n_waiting = 0
 
     def _admit(self, waiting: deque[_Seq], running: list[_Seq]) -> list[_Seq]:
         """Take waiting sequences, oldest first, within the batch and prefill-token budgets."""
@@ -547,7 +486,7 @@ class TorchEngine:
         )
         return out.logits[:, -1, :].float()
 
-    def _prefill(self, group: list[_Seq], running: list[_Seq], out: list[tuple[RequestHandle, TokenDelta]]) -> None:
+    def _prefill(self, group: list[_Seq], running: list[_Seq], out: list[tuple[str, TokenDelta]]) -> None:
         kv, dev = self._kv, self._device
         prompts = [s.request.prompt_token_ids for s in group]
         lengths = [len(p) for p in prompts]
@@ -602,7 +541,7 @@ class TorchEngine:
         running.extend(group)
         self._sample_and_emit(group, logits, running, out, first_row)
 
-    def _decode(self, running: list[_Seq], out: list[tuple[RequestHandle, TokenDelta]]) -> None:
+    def _decode(self, running: list[_Seq], out: list[tuple[str, TokenDelta]]) -> None:
         kv, dev = self._kv, self._device
         if self._col + 1 > kv.cols_cap:
             self._compact(running)
@@ -645,12 +584,13 @@ class TorchEngine:
         seqs: list[_Seq],
         logits: torch.Tensor,
         running: list[_Seq],
-        out: list[tuple[RequestHandle, TokenDelta]],
+        out: list[tuple[str, TokenDelta]],
         first_row: int,
     ) -> None:
         tokens = self._sample(seqs, logits)
         finished: list[_Seq] = []
-        info = self.model_info
+        info = self._info
+        assert info is not None
         for seq, token in zip(seqs, tokens, strict=True):
             seq.output.append(token)
             sp = seq.sampling
@@ -663,7 +603,7 @@ class TorchEngine:
                 reason, stop_token = FinishReason.STOP, token
             elif n >= sp.max_tokens or len(seq.request.prompt_token_ids) + n >= info.max_model_len:
                 reason = FinishReason.LENGTH
-            out.append((seq.handle, TokenDelta((token,), reason, stop_token)))
+            out.append((seq.request.request_id, TokenDelta((token,), reason, stop_token)))
             if reason is not None:
                 finished.append(seq)
         for seq in finished:
@@ -671,7 +611,8 @@ class TorchEngine:
 
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
         """Pick one token per row, honouring each request's own sampling settings."""
-        info = self.model_info
+        info = self._info
+        assert info is not None
         for i, seq in enumerate(seqs):
             sp = seq.sampling
             if len(seq.output) < sp.min_tokens:
@@ -717,8 +658,3 @@ def _sample_row(logits: torch.Tensor, sp: SamplingParams, generator: torch.Gener
     if sp.min_p > 0.0:
         probs = probs.masked_fill(probs < sp.min_p * probs.max(), 0.0)
     return int(torch.multinomial(probs, 1, generator=generator).item())
-
-
-def default_threads() -> int:
-    """Intra-op threads for CPU inference: one per core."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

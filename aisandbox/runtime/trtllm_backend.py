@@ -6,7 +6,7 @@ This is the only runtime module that imports tensorrt_llm, and only inside `_Trt
 * `check_engine_dir` reads the engine's manifest (`aisandbox.artifacts`) and refuses, with what to rebuild,
   an engine whose GPU architecture, TensorRT or tensorrt_llm version differ from this machine's, or any
   tensorrt_llm that is missing or >= 1.3 (which dropped the TensorRT backend). `serve --engine` calls it first.
-* `TrtllmEngine.start()` loads in a background thread (manifest check, tokenizer, `_tensorrt_engine.LLM` on the
+* `TrtllmBackend.start()` loads in a background thread (manifest check, tokenizer, `_tensorrt_engine.LLM` on the
   engine directory) while `health()` says LOADING; a failure leaves it DEAD with the reason.
 * `submit()` calls `LLM.generate_async(token_ids, SamplingParams(...), streaming=True)` on the event loop. The LLM
   API's executor batches in flight in its own process and delivers each step into an asyncio queue of the
@@ -50,15 +50,13 @@ from aisandbox.artifacts import (
     probe_devices,
     read_manifest,
 )
-from aisandbox.errors import ContextLengthExceeded, EngineDead, EngineNotReady, InvalidRequest, Overloaded
-from aisandbox.runtime.collector import RequestHandle
+from aisandbox.errors import EngineDead, InvalidRequest
+from aisandbox.runtime.engine import BackendHost
 from aisandbox.runtime.tokenizer import Tokenizer, TokenizerMode, load_tokenizer
 from aisandbox.runtime.types import (
-    EngineState,
     EngineStats,
     FinishReason,
     GenerationRequest,
-    Health,
     ModelInfo,
     SamplingParams,
     TokenDelta,
@@ -68,10 +66,9 @@ from aisandbox.settings import ServerSettings
 __all__ = [
     "IterationSnapshot",
     "LlmRunner",
-    "TrtllmEngine",
+    "TrtllmBackend",
     "TrtllmEngineConfig",
     "check_engine_dir",
-    "create_trtllm_engine",
     "final_delta",
     "llm_runtime_kwargs",
     "parse_iteration_stats",
@@ -317,12 +314,10 @@ def check_engine_dir(
 
 @dataclass(frozen=True, slots=True)
 class TrtllmEngineConfig:
-    """What the trtllm engine needs."""
+    """What the trtllm backend needs."""
 
     engine_dir: Path
     tokenizer_mode: TokenizerMode = "auto"
-    max_queue: int = 256
-    """Requests waiting beyond the engine's max_batch_size running ones before submit() raises Overloaded."""
     stats_timeout_s: float = 1.0
     """How long a stats read waits for the next iteration before it ends."""
 
@@ -330,12 +325,15 @@ class TrtllmEngineConfig:
 @dataclass(slots=True)
 class _Active:
     output: _RequestOutput
-    handle: RequestHandle
     task: asyncio.Task[None]
 
 
-class TrtllmEngine:
-    """The Engine protocol over tensorrt_llm's in-flight batching executor."""
+class TrtllmBackend:
+    """The `Backend` protocol over tensorrt_llm's in-flight batching executor.
+
+    The executor batches itself; this class submits each admitted request with `generate_async`, and one task
+    per request forwards its steps' new token ids to the admission layer, which detokenizes them off the loop.
+    """
 
     def __init__(
         self,
@@ -349,32 +347,39 @@ class TrtllmEngine:
         self._runner_factory = runner_factory
         self._devices = devices
         self._versions = versions
-        self._state = EngineState.LOADING
-        self._reason: str | None = f"loading the TensorRT-LLM engine from {config.engine_dir}"
+        self._host: BackendHost | None = None
         self._settled = threading.Event()
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self._thread: threading.Thread | None = None
         self._runner: LlmRunner | None = None
-        self._manifest: EngineManifest | None = None
-        self._tokenizer: Tokenizer | None = None
         self._info: ModelInfo | None = None
         self._active: dict[str, _Active] = {}
         self._snapshot = IterationSnapshot()
         self._work: asyncio.Event | None = None
         self._stats_task: asyncio.Task[None] | None = None
 
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> TrtllmBackend:
+        """The backend for `aisandbox serve --engine DIR` (call `check_engine_dir` first to fail fast)."""
+        if settings.engine_dir is None:
+            raise ValueError("the trtllm backend needs settings.engine_dir (aisandbox serve --engine DIR)")
+        return cls(TrtllmEngineConfig(engine_dir=settings.engine_dir, tokenizer_mode=settings.tokenizer_mode))
+
     # ---- lifecycle ----
 
-    async def start(self) -> None:
+    def start(self, host: BackendHost) -> None:
+        self._host = host
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._work = asyncio.Event()
         self._thread = threading.Thread(target=self._load, name="aisandbox-trtllm-load", daemon=True)
         self._thread.start()
 
     def _load(self) -> None:
         """Background thread: check, load the tokenizer, start the executor; report to the loop."""
-        assert self._loop is not None  # set by start() before the thread exists
+        assert self._host is not None  # set by start() before the thread exists
         try:
             manifest = check_engine_dir(
                 self.config.engine_dir, devices=self._devices, versions=self._versions, require_gpu=True
@@ -383,7 +388,8 @@ class TrtllmEngine:
             runner = self._runner_factory(self.config.engine_dir, manifest)
         except Exception as exc:
             log.exception("the trtllm engine failed to load")
-            self._post(self._on_failed, f"the TensorRT-LLM engine failed to load: {exc}")
+            self._settled.set()
+            self._host.failed(f"the TensorRT-LLM engine failed to load: {exc}")
         else:
             if not self._post(self._on_loaded, manifest, tokenizer, runner):
                 runner.shutdown()  # nothing can use it any more
@@ -399,41 +405,33 @@ class TrtllmEngine:
         return True
 
     def _on_loaded(self, manifest: EngineManifest, tokenizer: Tokenizer, runner: LlmRunner) -> None:
+        self._runner = runner  # if shutdown() is already waiting for the load, it stops this executor
+        self._settled.set()
         if self._closing:
-            self._runner = runner  # shutdown() is waiting for the load; let it stop the executor
-            self._settled.set()
             return
-        self._manifest, self._tokenizer, self._runner = manifest, tokenizer, runner
+        assert self._host is not None
+        profile = manifest.profile
         self._info = ModelInfo(
-            max_model_len=manifest.profile.max_seq_len,
+            max_model_len=profile.max_seq_len,
             eos_token_ids=tokenizer.eos_token_ids,
             vocab_size=manifest.model.vocab_size,
+            max_running=profile.max_batch_size,
+            max_prompt_len=min(profile.max_input_len, profile.max_seq_len - 1),
         )
-        self._state, self._reason = EngineState.READY, None
         self._stats_task = asyncio.get_running_loop().create_task(self._stats_loop(), name="aisandbox-trtllm-stats")
         log.info(
             "trtllm engine ready: %s, profile %s (%s weights, %s KV), max_batch_size %d, max_seq_len %d",
             self.config.engine_dir,
-            manifest.profile.name,
-            manifest.profile.weights,
-            manifest.profile.kv_cache,
-            manifest.profile.max_batch_size,
-            manifest.profile.max_seq_len,
+            profile.name,
+            profile.weights,
+            profile.kv_cache,
+            profile.max_batch_size,
+            profile.max_seq_len,
         )
-        self._settled.set()
-
-    def _on_failed(self, reason: str) -> None:
-        self._state, self._reason = EngineState.DEAD, reason
-        self._settled.set()
-
-    async def wait_ready(self, timeout_s: float | None = None) -> Health:
-        await asyncio.get_running_loop().run_in_executor(None, self._settled.wait, timeout_s)
-        return self.health()
+        self._host.loaded(self._info, tokenizer)
 
     async def shutdown(self) -> None:
         self._closing = True
-        if self._state in (EngineState.READY, EngineState.LOADING):
-            self._state, self._reason = EngineState.DRAINING, "shutting down"
         for active in list(self._active.values()):
             self._abort_output(active.output)
             active.task.cancel()
@@ -446,89 +444,46 @@ class TrtllmEngine:
         if self._thread is not None and self._thread.is_alive():
             # LLM() cannot be interrupted; wait for it so its executor is stopped below, not leaked.
             await loop.run_in_executor(None, self._settled.wait, None)
+        await asyncio.sleep(0)  # let a posted _on_loaded hand over its runner
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await loop.run_in_executor(None, runner.shutdown)
-        self._state, self._reason = EngineState.DEAD, "shut down"
 
     # ---- state ----
 
-    def health(self) -> Health:
-        return Health(self._state, self._reason)
-
     def stats(self) -> EngineStats:
-        in_flight = len(self._active)
         snap = self._snapshot
-        running = min(snap.active, in_flight)
         return EngineStats(
-            running=running,
-            waiting=in_flight - running,
+            running=min(snap.active, len(self._active)),
+            waiting=0,
             kv_cache_usage=snap.kv_cache_usage,
             extra={"executor_queued": float(snap.queued)},
         )
 
-    @property
-    def model_info(self) -> ModelInfo:
-        if self._info is None:
-            raise EngineNotReady(self._reason or "The engine is not ready.")
-        return self._info
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            raise EngineNotReady(self._reason or "The engine is not ready.")
-        return self._tokenizer
-
     # ---- requests ----
 
-    def _check_request(self, request: GenerationRequest) -> None:
-        if self._state is EngineState.DEAD:
-            raise EngineDead(self._reason or "The engine has failed.")
-        if self._state is not EngineState.READY or self._manifest is None:
-            raise EngineNotReady(f"The engine is not ready: {self._reason}.")
-        limits = self._manifest.profile
-        n_prompt = len(request.prompt_token_ids)
-        if n_prompt == 0:
-            raise InvalidRequest("The prompt is empty.", param="prompt")
-        if request.sampling.max_tokens < 1:
-            raise InvalidRequest("max_tokens must be at least 1.", param="max_tokens")
-        if n_prompt > limits.max_input_len:
-            raise ContextLengthExceeded(
-                f"The prompt has {n_prompt} tokens; this engine accepts prompts of at most {limits.max_input_len} "
-                "tokens (its max_input_len).",
-                param=None,
-            )
-        if n_prompt + request.sampling.max_tokens > limits.max_seq_len:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {limits.max_seq_len} tokens; the prompt has {n_prompt} "
-                f"and max_tokens is {request.sampling.max_tokens}.",
-                param=None,
-            )
-        if request.request_id in self._active:
-            raise InvalidRequest(f"Duplicate request id {request.request_id}.")
-        waiting = len(self._active) - limits.max_batch_size
-        if waiting >= self.config.max_queue:
-            raise Overloaded(f"{waiting} requests are waiting; retry later.")
-
-    def submit(self, request: GenerationRequest) -> RequestHandle:
-        self._check_request(request)
-        assert self._runner is not None and self._info is not None  # READY implies both
+    def add(self, request: GenerationRequest) -> None:
+        assert self._runner is not None and self._info is not None and self._host is not None  # READY implies it
         kwargs = sampling_kwargs(request.sampling, self._info.eos_token_ids, secrets.randbits(63))
         try:
             output = self._runner.generate(list(request.prompt_token_ids), kwargs)
         except ValueError as exc:  # tensorrt_llm's own argument checks
             raise InvalidRequest(str(exc)) from exc
         except RuntimeError as exc:  # the LLM is shut down or its executor failed (it shuts itself down)
-            self._on_failed(f"the TensorRT-LLM executor failed: {exc}")
+            self._host.failed(f"the TensorRT-LLM executor failed: {exc}")
             raise EngineDead(f"The engine has failed: {exc}") from exc
-        handle = RequestHandle(request.request_id, self.abort)
-        task = asyncio.get_running_loop().create_task(self._pump(request.request_id, output, handle))
-        self._active[request.request_id] = _Active(output, handle, task)
+        task = asyncio.get_running_loop().create_task(self._pump(request.request_id, output))
+        self._active[request.request_id] = _Active(output, task)
         if self._work is not None:
             self._work.set()
-        return handle
 
     def abort(self, request_id: str) -> None:
+        if threading.get_ident() == self._loop_thread:
+            self._abort_now(request_id)
+        elif self._loop is not None:
+            self._post(self._abort_now, request_id)  # from the text thread (a stop string): the executor is the loop's
+
+    def _abort_now(self, request_id: str) -> None:
         active = self._active.get(request_id)
         if active is not None:
             self._abort_output(active.output)
@@ -540,9 +495,10 @@ class TrtllmEngine:
         except Exception:  # already finished, or the executor is gone
             log.debug("abort failed", exc_info=True)
 
-    async def _pump(self, request_id: str, output: _RequestOutput, handle: RequestHandle) -> None:
-        """Forward one request's engine steps to its collector until it finishes."""
-        assert self._info is not None
+    async def _pump(self, request_id: str, output: _RequestOutput) -> None:
+        """Forward one request's engine steps to the admission layer until it finishes."""
+        assert self._info is not None and self._host is not None
+        emit = self._host.emit
         end_id = self._info.eos_token_ids[0]
         last_id: int | None = None
         delta: TokenDelta | None = None
@@ -552,7 +508,7 @@ class TrtllmEngine:
                 ids = tuple(completion.token_ids_diff)
                 if completion.finish_reason is None:
                     if ids:
-                        handle.collector.put(TokenDelta(ids))
+                        emit(((request_id, TokenDelta(ids)),))
                         last_id = ids[-1]
                     continue
                 delta = final_delta(ids, completion.finish_reason, completion.stop_reason, end_id, last_id)
@@ -560,14 +516,13 @@ class TrtllmEngine:
             if delta is None:
                 delta = TokenDelta((), FinishReason.ABORT, error="the engine ended the request without a finish reason")
         except asyncio.CancelledError:
-            handle.collector.put(TokenDelta((), FinishReason.ABORT, error="the engine is shutting down"))
             raise
         except Exception as exc:  # a per-request error from the executor
             log.warning("request %s failed in the engine: %s", request_id, exc)
             delta = TokenDelta((), FinishReason.ABORT, error=f"The engine failed this request: {exc}")
         finally:
             self._active.pop(request_id, None)
-        handle.collector.put(delta)
+        emit(((request_id, delta),))
 
     async def _stats_loop(self) -> None:
         """Keep the latest iteration stats while requests run; sleep on an event while idle."""
@@ -585,16 +540,3 @@ class TrtllmEngine:
                 log.debug("iteration stats unavailable", exc_info=True)
             # The stats stream ends after `timeout` without an iteration; wait as long before reading again.
             await asyncio.sleep(timeout)
-
-
-def create_trtllm_engine(settings: ServerSettings) -> TrtllmEngine:
-    """The trtllm engine for `aisandbox serve --engine DIR` (call `check_engine_dir` first to fail fast)."""
-    if settings.engine_dir is None:
-        raise ValueError("the trtllm backend needs settings.engine_dir (aisandbox serve --engine DIR)")
-    return TrtllmEngine(
-        TrtllmEngineConfig(
-            engine_dir=settings.engine_dir,
-            tokenizer_mode=settings.tokenizer_mode,
-            max_queue=settings.max_queue,
-        )
-    )

@@ -89,6 +89,10 @@ class TextDelta:
     stop_reason: str | int | None = None
     """The stop string or token id that ended the sequence, when one did."""
 
+    def merge(self, later: TextDelta) -> TextDelta:
+        """This delta followed by a later one of the same sequence, as one delta."""
+        return TextDelta(self.text + later.text, later.completion_tokens, later.finish_reason, later.stop_reason)
+
 
 class EngineState(enum.StrEnum):
     """Lifecycle of an engine."""
@@ -123,7 +127,7 @@ class EngineStats:
     kv_cache_usage: float = 0.0
     """Fraction of the KV cache in use, 0..1."""
     extra: dict[str, float] = field(default_factory=dict)
-    """Backend-specific gauges."""
+    """Backend-specific gauges, exported to /metrics as aisandbox_engine_<name>."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,3 +138,7 @@ class ModelInfo:
     """Context window in tokens (prompt + completion)."""
     eos_token_ids: tuple[int, ...]
     vocab_size: int
+    max_running: int
+    """Sequences the backend decodes at once; requests beyond it (plus the queue bound) get 429."""
+    max_prompt_len: int | None = None
+    """Longest prompt the backend accepts, when shorter than max_model_len - 1 (a TensorRT engine's max_input_len)."""

@@ -83,23 +83,24 @@ def test_the_built_engine_matches_this_machine(engine_dir: Path) -> None:
 
 
 def test_generate_stream_and_abort(engine_dir: Path) -> None:
-    from aisandbox.runtime.trtllm_backend import TrtllmEngine, TrtllmEngineConfig
+    from aisandbox.runtime.admission import Admission
+    from aisandbox.runtime.trtllm_backend import TrtllmBackend, TrtllmEngineConfig
     from aisandbox.runtime.types import FinishReason, GenerationRequest, SamplingParams
 
     async def main() -> None:
-        engine = TrtllmEngine(TrtllmEngineConfig(engine_dir))
+        engine = Admission(TrtllmBackend(TrtllmEngineConfig(engine_dir)))
         await engine.start()
         health = await engine.wait_ready(600)
         assert health.ready, health.reason
         prompt = tuple(engine.tokenizer.encode("Hello"))
         req = GenerationRequest("a", prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
-        deltas = [d async for d in engine.submit(req)]
-        assert sum(len(d.token_ids) for d in deltas) == 16
+        deltas = [d async for _, d in engine.submit([req])]
+        assert deltas[-1].completion_tokens == 16
         assert deltas[-1].finish_reason is FinishReason.LENGTH
 
         long = GenerationRequest("b", prompt, SamplingParams(max_tokens=500, ignore_eos=True))
-        stream = engine.submit(long)
-        await stream.__anext__()
+        stream = engine.submit([long])
+        await anext(aiter(stream))
         await stream.aclose()
         for _ in range(100):
             if engine.stats().running + engine.stats().waiting == 0:

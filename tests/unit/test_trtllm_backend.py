@@ -24,12 +24,20 @@ from aisandbox.artifacts import (
     ModelSummary,
     write_manifest,
 )
-from aisandbox.errors import ContextLengthExceeded, EngineDead, EngineNotReady, InvalidRequest, Overloaded
+from aisandbox.errors import (
+    ContextLengthExceeded,
+    EngineDead,
+    EngineError,
+    EngineNotReady,
+    InvalidRequest,
+    Overloaded,
+)
+from aisandbox.runtime.admission import Admission, AdmissionLimits
+from aisandbox.runtime.loader import create_engine
 from aisandbox.runtime.trtllm_backend import (
-    TrtllmEngine,
+    TrtllmBackend,
     TrtllmEngineConfig,
     check_engine_dir,
-    create_trtllm_engine,
     final_delta,
     parse_iteration_stats,
 )
@@ -126,23 +134,40 @@ class FakeRunner:
         self.shut_down = True
 
 
+class Tapped(Admission):
+    """The admission layer over the trtllm backend, also recording the raw token deltas it emits."""
+
+    def __init__(self, backend: TrtllmBackend, limits: AdmissionLimits) -> None:
+        super().__init__(backend, limits)
+        self.raw: dict[str, list[TokenDelta]] = {}
+
+    def emit(self, deltas: Any) -> None:
+        for rid, delta in deltas:
+            self.raw.setdefault(rid, []).append(delta)
+        super().emit(deltas)
+
+
 def make_engine(
     tmp_path: Path, runner: FakeRunner, *, versions: LibraryVersions = VERSIONS, max_queue: int = 1
-) -> TrtllmEngine:
-    return TrtllmEngine(
-        TrtllmEngineConfig(make_engine_dir(tmp_path / "engine"), max_queue=max_queue, stats_timeout_s=0.01),
+) -> Tapped:
+    backend = TrtllmBackend(
+        TrtllmEngineConfig(make_engine_dir(tmp_path / "engine"), stats_timeout_s=0.01),
         runner_factory=lambda engine_dir, manifest: runner,
         devices=lambda: [H100],
         versions=lambda: versions,
     )
+    return Tapped(backend, AdmissionLimits(max_queue=max_queue))
 
 
-def request(rid: str = "r1", prompt: tuple[int, ...] = (1, 5, 6), **sampling: Any) -> GenerationRequest:
-    return GenerationRequest(rid, prompt, SamplingParams(**{"max_tokens": 8, **sampling}))
+def request(rid: str = "r1", prompt: tuple[int, ...] = (1, 5, 6), **sampling: Any) -> list[GenerationRequest]:
+    return [GenerationRequest(rid, prompt, SamplingParams(**{"max_tokens": 8, **sampling}))]
 
 
-async def collect(stream: Any) -> list[TokenDelta]:
-    return [delta async for delta in stream]
+async def collect(engine: Tapped, stream: Any, rid: str = "r1") -> list[TokenDelta]:
+    """Drain the text stream; return the raw token deltas the backend emitted for `rid`."""
+    async for _ in stream:
+        pass
+    return engine.raw[rid]
 
 
 def test_loads_in_the_background_then_streams_token_ids(tmp_path: Path) -> None:
@@ -157,7 +182,7 @@ def test_loads_in_the_background_then_streams_token_ids(tmp_path: Path) -> None:
         assert (await engine.wait_ready(10)).ready
         assert engine.model_info.max_model_len == 64
         assert engine.model_info.eos_token_ids == (EOS,)
-        deltas = await collect(engine.submit(request(temperature=0.0)))
+        deltas = await collect(engine, engine.submit(request(temperature=0.0)))
         # (the collector may merge deltas a slow reader has not taken yet)
         assert sum((d.token_ids for d in deltas), ()) == (10, 11, 12, EOS)
         # EOS ends token_ids (tensorrt_llm may leave it out) and is named as the stop token
@@ -181,8 +206,11 @@ def test_aclose_aborts_the_engine_request(tmp_path: Path) -> None:
         await engine.start()
         await engine.wait_ready(10)
         stream = engine.submit(request())
-        first = await stream.__anext__()
-        assert first == TokenDelta((10,))
+        for _ in range(1000):
+            if "r1" in engine.raw:
+                break
+            await asyncio.sleep(0.001)
+        assert engine.raw["r1"] == [TokenDelta((10,))]
         assert engine.stats().running + engine.stats().waiting == 1
         await stream.aclose()  # e.g. a stop string matched, or the client went away
         assert runner.outputs[0].aborted
@@ -208,6 +236,7 @@ def test_limits_and_overload(tmp_path: Path) -> None:
         with pytest.raises(InvalidRequest, match="empty"):
             engine.submit(request(prompt=()))
         streams = [engine.submit(request(f"r{i}")) for i in range(3)]  # 2 running (max_batch_size) + 1 waiting
+        assert [call[0] for call in runner.calls] == [[1, 5, 6]] * 3
         with pytest.raises(InvalidRequest, match="Duplicate"):
             engine.submit(request("r0"))
         with pytest.raises(Overloaded):
@@ -226,9 +255,9 @@ def test_an_engine_error_ends_only_that_request(tmp_path: Path) -> None:
         engine = make_engine(tmp_path, runner)
         await engine.start()
         await engine.wait_ready(10)
-        deltas = await collect(engine.submit(request()))
-        assert deltas[-1].finish_reason is FinishReason.ABORT
-        assert "illegal memory access" in (deltas[-1].error or "")
+        with pytest.raises(EngineError, match="illegal memory access"):
+            await collect(engine, engine.submit(request()))
+        assert engine.raw["r1"][-1].finish_reason is FinishReason.ABORT
         assert engine.health().ready
         await engine.shutdown()
 
@@ -333,17 +362,20 @@ def test_check_engine_dir_with_the_right_environment(tmp_path: Path) -> None:
         check_engine_dir(d, devices=no_gpu, versions=lambda: VERSIONS, require_gpu=True)
 
 
-def test_create_trtllm_engine_from_settings(tmp_path: Path) -> None:
-    settings = ServerSettings(engine_dir=tmp_path, max_queue=7, tokenizer_mode="mistral")
-    engine = create_trtllm_engine(settings)
-    assert engine.config == TrtllmEngineConfig(engine_dir=tmp_path, tokenizer_mode="mistral", max_queue=7)
+def test_the_trtllm_engine_is_built_from_settings_like_every_backend(tmp_path: Path) -> None:
+    settings = ServerSettings(engine_dir=tmp_path, max_queue=7, text_workers=3, tokenizer_mode="mistral")
+    engine = create_engine(settings)
+    assert isinstance(engine.backend, TrtllmBackend)
+    assert engine.backend.config == TrtllmEngineConfig(engine_dir=tmp_path, tokenizer_mode="mistral")
+    assert engine.limits == AdmissionLimits(max_queue=7, text_workers=3)
     with pytest.raises(ValueError, match="engine_dir"):
-        create_trtllm_engine(ServerSettings())
+        TrtllmBackend.from_settings(ServerSettings())
 
 
 def test_without_tensorrt_llm_the_real_engine_dies_with_the_reason(tmp_path: Path) -> None:
     async def main() -> None:
-        engine = TrtllmEngine(TrtllmEngineConfig(make_engine_dir(tmp_path / "engine")), devices=lambda: [H100])
+        backend = TrtllmBackend(TrtllmEngineConfig(make_engine_dir(tmp_path / "engine")), devices=lambda: [H100])
+        engine = Admission(backend)
         await engine.start()
         health = await engine.wait_ready(30)
         assert health.state is EngineState.DEAD

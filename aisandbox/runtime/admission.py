@@ -1,0 +1,352 @@
+"""Admit once, in one place, for every backend: the `Engine` that the HTTP layer talks to.
+
+`Admission` wraps a `Backend` and owns everything a request meets before and after the model:
+
+* the engine's state (loading, ready, draining, dead), each with a reason;
+* tokenization and chat templating on a small bounded thread pool, after a cheap early refusal of prompts
+  that cannot possibly fit the context (see `Admission.refuse_oversized`);
+* the context-length check (one message, one `param`), the queue bound (429), duplicate request ids;
+* the registry of live requests: when the backend dies, every one of them ends at once with an error;
+* the text thread, which turns each engine step's token deltas into text deltas (detokenization, stop
+  strings) for all sequences at once, and hands them to the event loop with one `call_soon_threadsafe`.
+
+As TGI's router does (`validation.rs` then `infer/mod.rs` over a `Backend` trait), so the backends only turn
+token ids into token deltas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aisandbox.errors import (
+    ContextLengthExceeded,
+    EngineDead,
+    EngineError,
+    EngineNotReady,
+    InvalidRequest,
+    Overloaded,
+)
+from aisandbox.runtime.collector import Submission
+from aisandbox.runtime.engine import Backend
+from aisandbox.runtime.textgen import TextState, check_context
+from aisandbox.runtime.tokenizer import ChatMessage, Tokenizer
+from aisandbox.runtime.types import (
+    EngineState,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    Health,
+    ModelInfo,
+    TextDelta,
+    TokenDelta,
+)
+
+__all__ = ["Admission", "AdmissionLimits"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A text's UTF-8 bytes are the sum of its tokens' bytes, and a text has at least as many bytes as characters,
+# so a text of C characters needs at least C / max_token_bytes tokens. Normalization could shrink a text a
+# little; this margin keeps the refusal certain.
+_EARLY_REFUSAL_MARGIN = 2
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionLimits:
+    """The admission layer's settings."""
+
+    max_queue: int = 256
+    """Requests waiting beyond the backend's running capacity before new ones get 429."""
+    text_workers: int = 2
+    """Threads that apply chat templates and tokenize."""
+
+
+@dataclass(eq=False, slots=True)
+class _Live:
+    """One admitted sequence: where its text goes and how it is made."""
+
+    submission: Submission
+    index: int
+    text: TextState
+
+
+class Admission:
+    """The `Engine` protocol over any backend."""
+
+    def __init__(self, backend: Backend, limits: AdmissionLimits | None = None) -> None:
+        self.backend = backend
+        self.limits = limits or AdmissionLimits()
+        self._state = EngineState.LOADING
+        self._reason: str | None = "loading the model"
+        self._info: ModelInfo | None = None
+        self._tokenizer: Tokenizer | None = None
+        self._max_chars: int | None = None
+        self._live: dict[str, _Live] = {}  # written on the loop only; read by the text thread
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._settled: asyncio.Event | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._text_inbox: queue.SimpleQueue[Sequence[tuple[str, TokenDelta]] | None] = queue.SimpleQueue()
+        self._text_thread: threading.Thread | None = None
+
+    # ---- lifecycle ----
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._settled = asyncio.Event()
+        self._pool = ThreadPoolExecutor(self.limits.text_workers, thread_name_prefix="aisandbox-text")
+        self._text_thread = threading.Thread(target=self._text_main, name="aisandbox-detokenize", daemon=True)
+        self._text_thread.start()
+        self.backend.start(self)
+
+    async def wait_ready(self, timeout_s: float | None = None) -> Health:
+        if self._settled is not None:
+            try:
+                await asyncio.wait_for(self._settled.wait(), timeout_s)
+            except TimeoutError:
+                pass
+        return self.health()
+
+    async def shutdown(self) -> None:
+        if self._state in (EngineState.READY, EngineState.LOADING):
+            self._set_state(EngineState.DRAINING, "shutting down")
+        self._end_all(EngineNotReady("The request was aborted: the server is shutting down."))
+        await self.backend.shutdown()
+        if self._state is not EngineState.DEAD:
+            self._set_state(EngineState.DEAD, "shut down")
+        self._text_inbox.put(None)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def health(self) -> Health:
+        return Health(self._state, self._reason)
+
+    def stats(self) -> EngineStats:
+        inner = self.backend.stats()
+        running = min(inner.running, len(self._live))
+        return EngineStats(running, len(self._live) - running, inner.kv_cache_usage, inner.extra)
+
+    @property
+    def model_info(self) -> ModelInfo:
+        if self._info is None:
+            raise EngineNotReady(self._reason or "The engine is not ready.")
+        return self._info
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            raise EngineNotReady(self._reason or "The engine is not ready.")
+        return self._tokenizer
+
+    # ---- BackendHost: called from the backend's threads ----
+
+    def loaded(self, info: ModelInfo, tokenizer: Tokenizer) -> None:
+        self._call(self._on_loaded, info, tokenizer)
+
+    def failed(self, reason: str) -> None:
+        self._call(self._on_failed, reason)
+
+    def emit(self, deltas: Sequence[tuple[str, TokenDelta]]) -> None:
+        self._text_inbox.put(deltas)
+
+    def _call(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run `callback` on the event loop: now when already there, else at its next turn."""
+        assert self._loop is not None, "start() sets the loop before the backend starts"
+        if threading.get_ident() == self._loop_thread:
+            callback(*args)
+            return
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: the worker is exiting
+            log.debug("event loop closed; dropped %s", getattr(callback, "__name__", callback))
+
+    def _on_loaded(self, info: ModelInfo, tokenizer: Tokenizer) -> None:
+        if self._state is not EngineState.LOADING:
+            return  # shutting down or failed meanwhile
+        self._info, self._tokenizer = info, tokenizer
+        table = tokenizer.byte_table()
+        # Without a byte table, the longest token is bounded by the longest vocabulary entry: 4 bytes a char.
+        per_token = table.max_token_bytes if table is not None else 64
+        self._max_chars = info.max_model_len * per_token * _EARLY_REFUSAL_MARGIN
+        self._set_state(EngineState.READY, None)
+
+    def _on_failed(self, reason: str) -> None:
+        log.error("engine dead: %s", reason)
+        self._set_state(EngineState.DEAD, reason)
+        self._end_all(EngineDead(f"The engine is unavailable: {reason}"))
+
+    def _set_state(self, state: EngineState, reason: str | None) -> None:
+        self._state, self._reason = state, reason
+        if state is not EngineState.LOADING and self._settled is not None:
+            self._settled.set()
+
+    def _end_all(self, exc: BaseException) -> None:
+        """End every live request with `exc` and abort them in the backend."""
+        live, self._live = self._live, {}
+        for request_id, entry in live.items():
+            entry.submission.fail(exc)
+            self.backend.abort(request_id)
+
+    # ---- admission (on the loop) ----
+
+    def _check_state(self) -> ModelInfo:
+        if self._state is EngineState.DEAD:
+            raise EngineDead(f"The engine is unavailable: {self._reason}")
+        if self._state is not EngineState.READY or self._info is None:
+            raise EngineNotReady(f"The engine is not ready: {self._reason}. Retry when GET /health returns 200.")
+        return self._info
+
+    def refuse_oversized(self, chars: int, param: str) -> None:
+        """Refuse, before any tokenization, a prompt of `chars` characters that cannot fit the context.
+
+        Every token stands for at most `max_token_bytes` bytes of text (read from the vocabulary), and a text
+        has at least as many bytes as characters, so a prompt needs at least chars / max_token_bytes tokens.
+        Prompts beyond twice that bound are refused at once.
+        """
+        info = self._check_state()
+        if self._max_chars is not None and chars > self._max_chars:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {info.max_model_len} tokens. However, your prompt has "
+                f"{chars} characters, more than {self._max_chars} characters cannot fit in that many tokens. "
+                "Please reduce the length of the prompt.",
+                param=param,
+            )
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._pool is not None
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        chars = sum(len(m.get("content") or "") for m in messages)
+        self.refuse_oversized(chars, "messages")
+        ids = await self._off_loop(self.tokenizer.encode_chat, messages)
+        self._check_prompt(ids, "messages")
+        return ids
+
+    async def encode(self, text: str) -> list[int]:
+        self.refuse_oversized(len(text), "prompt")
+        ids = await self._off_loop(self.tokenizer.encode, text)
+        self._check_prompt(ids, "prompt")
+        return ids
+
+    def _check_prompt(self, ids: Sequence[int], param: str | None) -> None:
+        info = self._check_state()
+        if not ids:
+            raise InvalidRequest("The prompt is empty.", param=param, code="invalid_value")
+        limit = info.max_prompt_len if info.max_prompt_len is not None else info.max_model_len - 1
+        if len(ids) > limit:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {info.max_model_len} tokens and it accepts prompts of at "
+                f"most {limit} tokens. However, your prompt has {len(ids)} tokens. "
+                "Please reduce the length of the prompt.",
+                param=param,
+            )
+
+    def check_context(self, prompt_len: int, max_tokens: int | None, param: str | None) -> int:
+        return check_context(prompt_len, max_tokens, self._check_state().max_model_len, param)
+
+    def submit(self, requests: Sequence[GenerationRequest]) -> Submission:
+        info = self._check_state()
+        seen: set[str] = set()
+        for request in requests:
+            rid = request.request_id
+            if rid in self._live or rid in seen:
+                raise InvalidRequest(f"Duplicate request id {rid}.", param=None)
+            seen.add(rid)
+            self._check_prompt(request.prompt_token_ids, None)
+            check_context(len(request.prompt_token_ids), request.sampling.max_tokens, info.max_model_len, None)
+        if len(self._live) + len(requests) > info.max_running + self.limits.max_queue:
+            waiting = max(0, len(self._live) - info.max_running)
+            raise Overloaded(f"{waiting} requests are waiting; retry later.")
+        tokenizer = self.tokenizer
+        submission = Submission([r.request_id for r in requests], self._abort_many)
+        try:
+            for index, request in enumerate(requests):
+                self._live[request.request_id] = _Live(submission, index, TextState(tokenizer, request))
+                self.backend.add(request)
+        except BaseException:
+            self._abort_many([r.request_id for r in requests])  # all or none
+            raise
+        return submission
+
+    def abort(self, request_id: str) -> None:
+        """Abort one live request by id; a no-op for unknown or finished ids."""
+        if self._live.pop(request_id, None) is not None:
+            self.backend.abort(request_id)
+
+    def _abort_many(self, request_ids: Sequence[str]) -> None:
+        for request_id in request_ids:
+            self.abort(request_id)
+
+    # ---- the text thread ----
+
+    def _text_main(self) -> None:
+        """Detokenize and match stop strings for each engine step's deltas; deliver each batch at once."""
+        inbox = self._text_inbox
+        while True:
+            batch = inbox.get()
+            if batch is None:
+                return
+            out: list[tuple[_Live, TextDelta | BaseException]] = []
+            while batch is not None:
+                self._to_text(batch, out)
+                try:
+                    batch = inbox.get_nowait()
+                except queue.Empty:
+                    break
+            if out:
+                self._call(self._deliver, out)
+            if batch is None:
+                return
+
+    def _to_text(self, batch: Sequence[tuple[str, TokenDelta]], out: list[tuple[_Live, TextDelta | BaseException]]) -> None:
+        live = self._live
+        for request_id, delta in batch:
+            entry = live.get(request_id)
+            if entry is None or entry.text.finished:
+                continue  # aborted, or already ended by a stop string
+            if delta.error is not None:
+                entry.text.finished = True
+                out.append((entry, EngineError(f"The engine failed this request: {delta.error}")))
+                continue
+            if delta.finish_reason is FinishReason.ABORT:
+                entry.text.finished = True
+                out.append((entry, EngineNotReady("The request was aborted: the server is shutting down.")))
+                continue
+            try:
+                text = entry.text.feed(delta)
+            except Exception as exc:  # a bug in the text layer fails this request, not the thread
+                log.exception("text processing failed for %s", request_id)
+                entry.text.finished = True
+                out.append((entry, EngineError(f"Text processing failed: {exc}")))
+                continue
+            if text is None:
+                continue
+            out.append((entry, text))
+            if text.finish_reason is not None and delta.finish_reason is None:
+                self.backend.abort(request_id)  # a stop string matched: the backend may stop at once
+
+    def _deliver(self, out: list[tuple[_Live, TextDelta | BaseException]]) -> None:
+        """On the loop: hand each result to its submission; forget finished requests."""
+        live = self._live
+        for entry, item in out:
+            request_id = entry.submission.request_ids[entry.index]
+            if live.get(request_id) is not entry:
+                continue  # aborted or ended meanwhile
+            if isinstance(item, BaseException):
+                del live[request_id]
+                entry.submission.cancel(item)  # the other choices of this request end too
+                continue
+            entry.submission.put(entry.index, item)
+            if item.finish_reason is not None:
+                del live[request_id]
