@@ -134,3 +134,6 @@ class ModelInfo:
     """Context window in tokens (prompt + completion)."""
     eos_token_ids: tuple[int, ...]
     vocab_size: int
+    default_max_tokens: int | None = None
+    """max_tokens for a request that omits it, capped at the rest of the context (None: the rest of the context).
+    The trtllm backend sets it from the engine profile: its scheduler reserves KV for prompt + max_tokens."""

@@ -54,7 +54,7 @@ def make_engine_dir(path: Path, max_batch_size: int = 2, max_seq_len: int = 64) 
     with importlib.resources.as_file(tok) as src:
         shutil.copy(src, path / "tokenizer.model.v3")
     model = ModelSummary("MistralForCausalLM", "bfloat16", 32768, 64, 128, 2, 4, 2, 16, 2048, 4_000_000, "ab" * 32)
-    profile = EngineProfile("h100-sxm", "fp8", "fp8", max_batch_size, 256, 32, max_seq_len, 0.9)
+    profile = EngineProfile("h100-sxm", "fp8", "fp8", max_batch_size, 256, 32, max_seq_len, 0.9, default_max_tokens=16)
     write_manifest(
         path, EngineManifest("cd" * 32, "2026-05-01T00:00:00+00:00", "0.1.0", model, profile, H100, VERSIONS)
     )
@@ -104,6 +104,7 @@ class FakeRunner:
         self.stats: list[dict[str, Any]] = []
         self.shut_down = False
         self.fail_with: Exception | None = None
+        self.health: str | None = None
 
     def generate(self, prompt_token_ids: list[int], sampling: dict[str, Any]) -> FakeOutput:
         if self.fail_with is not None:
@@ -125,12 +126,27 @@ class FakeRunner:
     def shutdown(self) -> None:
         self.shut_down = True
 
+    def check_health(self) -> str | None:
+        return self.health
+
 
 def make_engine(
-    tmp_path: Path, runner: FakeRunner, *, versions: LibraryVersions = VERSIONS, max_queue: int = 1
+    tmp_path: Path,
+    runner: FakeRunner,
+    *,
+    versions: LibraryVersions = VERSIONS,
+    max_queue: int = 1,
+    health_interval_s: float = 5.0,
+    stall_timeout_s: float = 120.0,
 ) -> TrtllmEngine:
     return TrtllmEngine(
-        TrtllmEngineConfig(make_engine_dir(tmp_path / "engine"), max_queue=max_queue, stats_timeout_s=0.01),
+        TrtllmEngineConfig(
+            make_engine_dir(tmp_path / "engine"),
+            max_queue=max_queue,
+            stats_timeout_s=0.01,
+            health_interval_s=health_interval_s,
+            stall_timeout_s=stall_timeout_s,
+        ),
         runner_factory=lambda engine_dir, manifest: runner,
         devices=lambda: [H100],
         versions=lambda: versions,
@@ -157,6 +173,7 @@ def test_loads_in_the_background_then_streams_token_ids(tmp_path: Path) -> None:
         assert (await engine.wait_ready(10)).ready
         assert engine.model_info.max_model_len == 64
         assert engine.model_info.eos_token_ids == (EOS,)
+        assert engine.model_info.default_max_tokens == 16  # from the engine profile, for the HTTP layer
         deltas = await collect(engine.submit(request(temperature=0.0)))
         # (the collector may merge deltas a slow reader has not taken yet)
         assert sum((d.token_ids for d in deltas), ()) == (10, 11, 12, EOS)
@@ -348,6 +365,194 @@ def test_without_tensorrt_llm_the_real_engine_dies_with_the_reason(tmp_path: Pat
         health = await engine.wait_ready(30)
         assert health.state is EngineState.DEAD
         assert "tensorrt_llm is not installed" in (health.reason or "")
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+# ---- issue 8: a dead or hung executor, the load/shutdown race, seeds, stats during a long prefill ----
+
+
+def test_a_dead_executor_is_noticed_and_ends_every_live_request(tmp_path: Path) -> None:
+    """The MPI worker died: 1.2's LLM only notices on the next submit. The watch task must notice by itself."""
+    runner = FakeRunner([Step([10])])  # each request streams one token, then waits forever
+
+    async def main() -> None:
+        engine = make_engine(tmp_path, runner, max_queue=4, health_interval_s=0.02)
+        await engine.start()
+        await engine.wait_ready(10)
+        streams = [engine.submit(request(f"r{i}")) for i in range(3)]
+        firsts = [await s.__anext__() for s in streams]
+        assert all(d == TokenDelta((10,)) for d in firsts)
+        runner.health = "a TensorRT-LLM executor worker process exited: MPI worker died"
+        rests = await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams)), 5)
+        for rest in rests:
+            assert rest[-1].finish_reason is FinishReason.ABORT
+            assert "worker process exited" in (rest[-1].error or "")
+        health = engine.health()
+        assert health.state is EngineState.DEAD and "worker process exited" in (health.reason or "")
+        assert engine.stats().running == 0 and engine.stats().waiting == 0
+        with pytest.raises(EngineDead, match="worker process exited"):
+            engine.submit(request("r9"))
+        assert all(o.aborted for o in runner.outputs)
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_stalled_executor_is_declared_dead(tmp_path: Path) -> None:
+    """A hung worker: no token and no iteration for stall_timeout_s while a request runs."""
+    runner = FakeRunner()  # requests never produce a step, the health check says nothing
+
+    async def main() -> None:
+        engine = make_engine(tmp_path, runner, health_interval_s=0.02, stall_timeout_s=0.2)
+        await engine.start()
+        await engine.wait_ready(10)
+        await asyncio.sleep(0.4)  # idle: no requests, so no stall
+        assert engine.health().ready
+        deltas = await asyncio.wait_for(collect(engine.submit(request())), 5)
+        assert deltas[-1].finish_reason is FinishReason.ABORT and "no progress" in (deltas[-1].error or "")
+        assert engine.health().state is EngineState.DEAD
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+class _Future:
+    def __init__(self, error: BaseException | None, done: bool = True) -> None:
+        self._error, self._done = error, done
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return False
+
+    def exception(self) -> BaseException | None:
+        return self._error
+
+
+class _Executor:
+    def __init__(self) -> None:
+        import queue
+
+        self.mpi_futures: list[_Future] = [_Future(None, done=False)]
+        self._error_queue: queue.Queue[BaseException] = queue.Queue()
+        self.shut = False
+
+    def is_shutdown(self) -> bool:
+        return self.shut
+
+
+def test_executor_health_reads_the_1_2_proxy_state() -> None:
+    from aisandbox.runtime.trtllm_backend import executor_health
+
+    class Llm:
+        def __init__(self) -> None:
+            self._executor: _Executor | None = _Executor()
+
+    llm = Llm()
+    assert executor_health(llm) is None
+    assert llm._executor is not None
+    llm._executor._error_queue.put(RuntimeError("boom"))
+    assert "background error" in (executor_health(llm) or "")
+    llm._executor = _Executor()
+    llm._executor.mpi_futures = [_Future(RuntimeError("rank 0: CUDA error"))]
+    assert "worker process exited: rank 0: CUDA error" in (executor_health(llm) or "")
+    llm._executor = _Executor()
+    llm._executor.shut = True
+    assert "shut down" in (executor_health(llm) or "")
+    llm._executor = None
+    assert "gone" in (executor_health(llm) or "")
+
+    class LaterLlm(Llm):
+        def _check_health(self) -> bool:
+            return False
+
+    assert "unhealthy" in (executor_health(LaterLlm()) or "")
+
+
+def test_loading_that_finishes_as_shutdown_starts_does_not_leak_the_executor(tmp_path: Path) -> None:
+    """The load thread has posted _on_loaded, but shutdown() runs before that callback does."""
+    runner = FakeRunner()
+
+    async def main() -> None:
+        engine = make_engine(tmp_path, runner)
+        await engine.start()
+        assert engine._thread is not None
+        engine._thread.join(10)  # blocks the loop: the posted _on_loaded cannot run before shutdown() starts
+        await engine.shutdown()
+        assert runner.shut_down
+        await asyncio.sleep(0.01)  # the late callback finds nothing to install
+        assert engine.health().state is EngineState.DEAD
+
+    asyncio.run(main())
+
+
+def test_shutdown_while_loading_stops_the_executor_when_it_arrives(tmp_path: Path) -> None:
+    import threading
+
+    runner = FakeRunner()
+    go = threading.Event()
+
+    def slow_factory(engine_dir: Path, manifest: EngineManifest) -> FakeRunner:
+        go.wait(10)
+        return runner
+
+    async def main() -> None:
+        engine = TrtllmEngine(
+            TrtllmEngineConfig(make_engine_dir(tmp_path / "engine")),
+            runner_factory=slow_factory,
+            devices=lambda: [H100],
+            versions=lambda: VERSIONS,
+        )
+        await engine.start()
+        closing = asyncio.get_running_loop().create_task(engine.shutdown())
+        await asyncio.sleep(0.05)
+        assert not closing.done()
+        go.set()
+        await asyncio.wait_for(closing, 10)
+        assert runner.shut_down and engine.health().state is EngineState.DEAD
+
+    asyncio.run(main())
+
+
+def test_seeds_map_into_uint64(tmp_path: Path) -> None:
+    runner = FakeRunner([Step([], "length")])
+
+    async def main() -> None:
+        engine = make_engine(tmp_path, runner, max_queue=4)
+        await engine.start()
+        await engine.wait_ready(10)
+        for rid, seed in (("a", -1), ("b", 2**63 - 1), ("c", -(2**63)), ("d", 2**63)):
+            await collect(engine.submit(request(rid, seed=seed)))
+        seeds = [sampling["seed"] for _, sampling in runner.calls]
+        assert seeds == [2**64 - 1, 2**63 - 1, 2**63, 2**63]
+        assert all(0 <= s < 2**64 for s in seeds)
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_requests_newer_than_the_iteration_stats_count_as_running(tmp_path: Path) -> None:
+    """During a long prefill no iteration ends, so the stats predate the burst that started it."""
+    runner = FakeRunner()
+
+    async def main() -> None:
+        engine = make_engine(tmp_path, runner, max_queue=4)
+        await engine.start()
+        await engine.wait_ready(10)
+        streams = [engine.submit(request(f"r{i}")) for i in range(3)]  # max_batch_size 2
+        stats = engine.stats()
+        assert (stats.running, stats.waiting) == (2, 1)  # not (0, 3): no iteration has reported yet
+        runner.stats = [{"numActiveRequests": 1, "numQueuedRequests": 2, "kvCacheStats": {}}]
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+        stats = engine.stats()
+        assert (stats.running, stats.waiting) == (1, 2)
+        assert stats.extra["executor_stats_age_s"] >= 0.0
+        for stream in streams:
+            await stream.aclose()
         await engine.shutdown()
 
     asyncio.run(main())
