@@ -440,3 +440,19 @@ def test_seed_mapping_into_uint64() -> None:
 
     assert [uint64_seed(s) for s in (0, 7, -1, -(2**63), 2**63 - 1)] == [0, 7, 2**64 - 1, 2**63, 2**63 - 1]
     assert sampling_kwargs(SamplingParams(max_tokens=8, seed=-3), (2,), seed=1)["seed"] == 2**64 - 3
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1])
+def test_a_seed_outside_int64_is_a_400_naming_seed(seed: int) -> None:
+    from pydantic import ValidationError
+
+    from aisandbox.errors import InvalidRequest
+    from aisandbox.http.errors import from_validation_error
+    from aisandbox.http.schemas import ChatCompletionRequest
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": seed}
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate(body)
+    error = from_validation_error(info.value)
+    assert isinstance(error, InvalidRequest) and error.param == "seed"
+    assert ChatCompletionRequest.model_validate({**body, "seed": -1}).seed == -1  # negative int64: fine, mapped later
