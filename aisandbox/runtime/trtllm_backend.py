@@ -88,8 +88,10 @@ __all__ = [
     "final_delta",
     "llm_runtime_kwargs",
     "parse_iteration_stats",
+    "executor_health",
     "sampling_kwargs",
     "uint64_seed",
+    "visible_gpus",
 ]
 
 log = logging.getLogger(__name__)
@@ -321,17 +323,44 @@ def executor_health(llm: object) -> str | None:
 # ---- checks before loading ----
 
 
-def _engine_device(devices: Sequence[DeviceInfo]) -> DeviceInfo:
-    """The GPU this process will use.
+def visible_gpus(devices: Sequence[DeviceInfo], cuda_visible_devices: str | None) -> list[DeviceInfo]:
+    """The GPUs CUDA will give this process, in CUDA's order (rank r of a TP engine uses the r-th).
 
-    NVML lists every GPU regardless of CUDA_VISIBLE_DEVICES. On the usual host all GPUs are one type and any
-    will do; on a mixed host, CUDA's own variable says which one CUDA will give us.
+    NVML lists every GPU regardless of CUDA_VISIBLE_DEVICES. Its entries are UUIDs ('GPU-...') or indices; an
+    index is NVML's (PCI order) because `aisandbox serve` sets CUDA_DEVICE_ORDER=PCI_BUS_ID. Unknown entries are
+    skipped, as CUDA skips them.
     """
-    if len({d.compute_capability for d in devices}) == 1:
-        return devices[0]
-    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-    by_index = {d.index: d for d in devices}
-    return by_index.get(int(first), devices[0]) if first.isdigit() else devices[0]
+    if cuda_visible_devices is None or not cuda_visible_devices.strip():
+        return list(devices)
+    by_index = {str(d.index): d for d in devices}
+    by_uuid = {d.uuid: d for d in devices if d.uuid}
+    visible = []
+    for entry in (e.strip() for e in cuda_visible_devices.split(",")):
+        device = by_uuid.get(entry) or by_index.get(entry)
+        if device is None:
+            break  # CUDA stops at the first invalid entry
+        visible.append(device)
+    return visible
+
+
+def _engine_device(devices: Sequence[DeviceInfo], tp_size: int = 1) -> DeviceInfo:
+    """Rank 0's GPU; raise EngineIncompatible if fewer than `tp_size` GPUs of one type are visible."""
+    visible = visible_gpus(devices, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if len(visible) < tp_size:
+        raise EngineIncompatible(
+            f"the engine is tensor parallel over {tp_size} GPUs, but this process sees {len(visible)} "
+            f"({', '.join(d.name for d in visible) or 'none'}); give it {tp_size} GPUs and one gunicorn worker "
+            "(--workers 1)"
+        )
+    if not visible:
+        raise IndexError("CUDA_VISIBLE_DEVICES names no GPU that NVML lists")
+    ranks = visible[:tp_size]
+    if len({d.compute_capability for d in ranks}) > 1:
+        raise EngineIncompatible(
+            "the GPUs this process sees for the engine's ranks are of different types: "
+            + ", ".join(f"{d.index} {d.name}" for d in ranks)
+        )
+    return ranks[0]
 
 
 def check_engine_dir(
@@ -355,14 +384,15 @@ def check_engine_dir(
     Raises:
         aisandbox.artifacts.EngineDirError: No engine or no manifest in `engine_dir`.
         aisandbox.artifacts.EngineIncompatible: tensorrt_llm missing or not 1.2.x; the GPU architecture, TensorRT
-            or tensorrt_llm version differ from the build's (the message says what to rebuild).
+            or tensorrt_llm version differ from the build's (the message says what to rebuild); fewer GPUs are
+            visible than the engine's tensor-parallel ranks.
     """
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
     found = versions()
     gpu: DeviceInfo | None = None
     try:
-        gpu = _engine_device(list(devices()))
+        gpu = _engine_device(list(devices()), manifest.tp_size)
     except (GpuNotFound, IndexError) as exc:
         if require_gpu:
             raise EngineIncompatible(
