@@ -91,3 +91,18 @@ def test_the_rebuild_steps_free_the_gpu_before_building() -> None:
     assert stop < build < start
     compose = (ROOT / "docker-compose.yml").read_text()
     assert compose.index("docker compose stop api") < compose.index("docker compose run --rm build-engine")
+
+
+def test_setuptools_is_new_enough_for_the_spdx_license_string() -> None:
+    """PEP 639 `license = "Apache-2.0"` needs setuptools >= 77; older ones reject the project table."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert isinstance(data["project"]["license"], str)
+    (setuptools,) = [Requirement(r) for r in data["build-system"]["requires"] if r.startswith("setuptools")]
+    oldest = min(Version(s.version) for s in setuptools.specifier if s.operator in (">=", "=="))
+    assert oldest >= Version("77")
+    assert any(r.startswith("kubernetes-validate") for r in data["project"]["optional-dependencies"]["test"])
