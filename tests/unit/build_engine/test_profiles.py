@@ -127,7 +127,16 @@ def test_dry_run_with_a_real_checkpoint_refuses_int8_kv(tiny_mistral: Path, caps
     from aisandbox.cli import main
 
     status = main(
-        ["build-engine", "--checkpoint", str(tiny_mistral), "--gpu", "h100-sxm", "--dry-run", "--kv-cache-dtype", "int8"]
+        [
+            "build-engine",
+            "--checkpoint",
+            str(tiny_mistral),
+            "--gpu",
+            "h100-sxm",
+            "--dry-run",
+            "--kv-cache-dtype",
+            "int8",
+        ]
     )
     err = capsys.readouterr().err
     assert status == 2
