@@ -39,6 +39,7 @@ dead worker's exception and nothing else notices it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -422,6 +423,8 @@ class TrtllmEngineConfig:
     stall_timeout_s: float = 120.0
     """Requests running with neither a token nor an executor iteration for this long: the executor is hung. One
     iteration (even a max_num_tokens prefill) takes seconds at most."""
+    shutdown_timeout_s: float = 60.0
+    """How long shutdown() waits for tensorrt_llm's LLM.shutdown(); a hung MPI worker can block it forever."""
 
 
 @dataclass(slots=True)
@@ -580,8 +583,30 @@ class TrtllmEngine:
             runners.append(pending[2])
         self._runner = None
         for runner in runners:
-            await loop.run_in_executor(None, runner.shutdown)
+            await self._stop_runner(runner)
         self._state, self._reason = EngineState.DEAD, "shut down"
+
+    async def _stop_runner(self, runner: LlmRunner) -> None:
+        """Run runner.shutdown() in a daemon thread; give up after shutdown_timeout_s (the process is exiting)."""
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def stop() -> None:
+            try:
+                runner.shutdown()
+            except Exception:
+                log.exception("stopping the TensorRT-LLM executor failed")
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop may be gone by now
+                    loop.call_soon_threadsafe(done.set)
+
+        threading.Thread(target=stop, name="aisandbox-trtllm-stop", daemon=True).start()
+        try:
+            await asyncio.wait_for(done.wait(), self.config.shutdown_timeout_s)
+        except TimeoutError:
+            log.error(
+                "the TensorRT-LLM executor did not stop within %.0f s; leaving it", self.config.shutdown_timeout_s
+            )
 
     # ---- state ----
 

@@ -556,3 +556,31 @@ def test_requests_newer_than_the_iteration_stats_count_as_running(tmp_path: Path
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_shutdown_does_not_hang_on_a_hung_executor(tmp_path: Path) -> None:
+    import threading
+
+    release = threading.Event()
+
+    class HungRunner(FakeRunner):
+        def shutdown(self) -> None:
+            release.wait(30)  # an MPI worker that never answers
+            self.shut_down = True
+
+    runner = HungRunner()
+
+    async def main() -> None:
+        engine = TrtllmEngine(
+            TrtllmEngineConfig(make_engine_dir(tmp_path / "engine"), shutdown_timeout_s=0.2),
+            runner_factory=lambda engine_dir, manifest: runner,
+            devices=lambda: [H100],
+            versions=lambda: VERSIONS,
+        )
+        await engine.start()
+        await engine.wait_ready(10)
+        await asyncio.wait_for(engine.shutdown(), 5)
+        assert engine.health().state is EngineState.DEAD
+
+    asyncio.run(main())
+    release.set()
