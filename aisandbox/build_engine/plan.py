@@ -239,7 +239,7 @@ def format_plan(plan: MemoryPlan) -> str:
     p = plan.profile
     w = WEIGHT_PRECISIONS[p.quantization.weights]
     kv = KV_PRECISIONS[p.quantization.kv_cache]
-    per_rank = f" per rank, tensor parallel over {plan.tp_size} GPUs" if plan.tp_size > 1 else ""
+    per_rank = f" (per GPU; every line below is per rank, {plan.tp_size} ranks)" if plan.tp_size > 1 else ""
     lines = [
         f"  GPU memory          {_gib(plan.gpu_memory_bytes)}  {plan.gpu_name}{per_rank}",
         f"  weights             {_gib(plan.weights_bytes)}  {human_count(plan.model.num_parameters)} parameters: "

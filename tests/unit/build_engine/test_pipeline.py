@@ -232,7 +232,7 @@ def test_tp2_dry_run_plans_per_rank(tiny_mistral: Path, capsys: pytest.CaptureFi
     status = main(["build-engine", "--checkpoint", str(tiny_mistral), "--gpu", "h100-sxm", "--tp", "2", "--dry-run"])
     text = capsys.readouterr().out
     assert status == 0, text
-    assert "tensor parallel over 2 GPUs" in text
+    assert "tensor parallel over 2 GPUs" in text and "every line below is per rank, 2 ranks" in text
     assert "KV per token            0.06 KiB  (64 B) 2 x 2 layers x 1 KV heads x 16 dims x 1 B" in text
     assert "tensor_parallel_size=2" in text
 
