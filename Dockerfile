@@ -33,10 +33,13 @@ RUN python3 -m pip install --no-deps -e . \
  && python3 -c "import aisandbox.build_engine.cli, aisandbox.runtime.trtllm_backend, aisandbox.http.asgi" \
  && python3 -c "import importlib.metadata as m; print('tensorrt_llm', m.version('tensorrt_llm'))"
 
-# One gunicorn worker per visible GPU (AISANDBOX_WORKERS overrides); each worker loads its own engine.
+# Single-GPU engine: one gunicorn worker per visible GPU, each loading its own engine. Tensor-parallel engine (built
+# with --tp N): one worker over all N GPUs, TensorRT-LLM starts the ranks. AISANDBOX_WORKERS overrides either.
+# CUDA_DEVICE_ORDER: number GPUs in PCI order, as NVML and nvidia-smi do (the GPU checks and pinning rely on it).
 ENV AISANDBOX_ENGINE=/engines/mistral-7b-instruct-v0.3 \
-    AISANDBOX_MODEL_NAME=Mistral-7B-Instruct-v0.3
+    AISANDBOX_MODEL_NAME=Mistral-7B-Instruct-v0.3 \
+    CUDA_DEVICE_ORDER=PCI_BUS_ID
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
     CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=5)"
-CMD ["sh", "-c", "exec aisandbox serve --engine \"$AISANDBOX_ENGINE\" --served-model-name \"$AISANDBOX_MODEL_NAME\" --host 0.0.0.0 --port 8000 --workers \"${AISANDBOX_WORKERS:-$(nvidia-smi -L | wc -l)}\""]
+CMD ["sh", "-c", "TP=$(python3 -c 'import sys; from aisandbox.artifacts import read_manifest; print(read_manifest(sys.argv[1]).tp_size)' \"$AISANDBOX_ENGINE\" 2>/dev/null || echo 1); if [ \"$TP\" -gt 1 ]; then GPUS_WORKERS=1; else GPUS_WORKERS=$(nvidia-smi -L | wc -l); fi; exec aisandbox serve --engine \"$AISANDBOX_ENGINE\" --served-model-name \"$AISANDBOX_MODEL_NAME\" --host 0.0.0.0 --port 8000 --workers \"${AISANDBOX_WORKERS:-$GPUS_WORKERS}\""]

@@ -4,7 +4,8 @@ An engine directory, as `aisandbox build-engine` writes it::
 
     <engine_dir>/
       config.json              TensorRT-LLM's engine config (pretrained_config + build_config), from llm.save
-      rank0.engine             the serialized TensorRT plan, bound to one GPU architecture and TensorRT version
+      rank0.engine ...         the serialized TensorRT plan, one per tensor-parallel rank (rank0..rank{tp-1}),
+                               bound to one GPU architecture and TensorRT version
       tokenizer.json ...       the checkpoint's tokenizer files (tokenizer.model.v3 for Mistral), copied in
       aisandbox-engine.json    the manifest below, written last
 
@@ -125,6 +126,10 @@ class DeviceInfo:
     driver_version: str | None = None
     cuda_driver_version: str | None = None
     """Highest CUDA version the driver supports, e.g. '13.0'."""
+    uuid: str | None = None
+    """NVML's 'GPU-...' id, which CUDA_VISIBLE_DEVICES accepts regardless of CUDA's device order."""
+    memory_used_bytes: int | None = None
+    """Memory other processes hold when probed (None: unknown). Not written into manifests."""
 
     @property
     def memory_gib(self) -> float:
@@ -176,6 +181,12 @@ class EngineProfile:
     max_seq_len: int
     kv_cache_free_gpu_memory_fraction: float
     """Runtime only: share of free GPU memory (after weights and activations) given to the paged KV cache."""
+    tp_size: int = 1
+    """Tensor parallelism: ranks (GPUs) the engine spans; rank{N}.engine per rank."""
+    scheduler_policy: str = "guaranteed_no_evict"
+    """Runtime only: tensorrt_llm CapacitySchedulerPolicy, lower-case (guaranteed_no_evict, max_utilization)."""
+    default_max_tokens: int | None = None
+    """Runtime only: max_tokens for requests that omit it (None: the rest of the context)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +209,7 @@ class EngineIdentity:
     compute_capability: str
     tensorrt_llm: str
     tensorrt: str
+    tp_size: int = 1
 
 
 def engine_hash(identity: EngineIdentity) -> str:
@@ -217,8 +229,16 @@ class EngineManifest:
     model: ModelSummary
     profile: EngineProfile
     gpu: DeviceInfo
+    """The GPU of rank 0 (the only one for tp_size 1)."""
     versions: LibraryVersions
     schema_version: int = MANIFEST_SCHEMA_VERSION
+    gpus: tuple[DeviceInfo, ...] = ()
+    """Every GPU the engine was built on, rank order (empty in manifests written before tensor parallelism)."""
+
+    @property
+    def tp_size(self) -> int:
+        """Ranks the engine needs (one GPU each)."""
+        return self.profile.tp_size
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
@@ -237,6 +257,7 @@ class EngineManifest:
                 gpu=DeviceInfo(**data["gpu"]),
                 versions=LibraryVersions(**data["versions"]),
                 schema_version=int(data["schema_version"]),
+                gpus=tuple(DeviceInfo(**g) for g in data.get("gpus", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EngineDirError(f"the engine manifest has an unexpected shape ({exc!r})") from exc
@@ -377,7 +398,7 @@ def check_compatibility(
 DeviceSource = Callable[[], Sequence[DeviceInfo]]
 """Something that lists the GPUs; injectable so tests can describe any machine."""
 
-_SMI_QUERY = "index,name,compute_cap,memory.total,driver_version"
+_SMI_QUERY = "index,name,compute_cap,memory.total,driver_version,uuid,memory.used"
 
 
 def probe_devices() -> list[DeviceInfo]:
@@ -422,14 +443,17 @@ def _probe_nvml() -> list[DeviceInfo]:
         for i in range(int(pynvml.nvmlDeviceGetCount())):
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
             major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
             devices.append(
                 DeviceInfo(
                     index=i,
                     name=_text(pynvml.nvmlDeviceGetName(handle)),
                     compute_capability=f"{major}.{minor}",
-                    memory_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
+                    memory_bytes=int(memory.total),
                     driver_version=driver,
                     cuda_driver_version=cuda,
+                    uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
+                    memory_used_bytes=int(memory.used),
                 )
             )
         return devices
@@ -452,16 +476,18 @@ def _probe_nvidia_smi() -> list[DeviceInfo]:
 
 
 def parse_nvidia_smi(csv_text: str) -> list[DeviceInfo]:
-    """Parse `nvidia-smi --query-gpu=index,name,compute_cap,memory.total,driver_version --format=csv,noheader,nounits`.
+    """Parse `nvidia-smi --query-gpu=index,name,compute_cap,memory.total,driver_version[,uuid,memory.used]
+    --format=csv,noheader,nounits`.
 
-    memory.total comes in MiB.
+    Memory comes in MiB.
     """
     devices = []
     for line in csv_text.strip().splitlines():
         fields = [f.strip() for f in line.split(",")]
-        if len(fields) != 5:
+        if len(fields) not in (5, 7):
             raise ValueError(f"unexpected nvidia-smi line: {line!r}")
-        index, name, cap, mem_mib, driver = fields
+        index, name, cap, mem_mib, driver = fields[:5]
+        uuid, used_mib = (fields[5], fields[6]) if len(fields) == 7 else (None, None)
         devices.append(
             DeviceInfo(
                 index=int(index),
@@ -469,6 +495,8 @@ def parse_nvidia_smi(csv_text: str) -> list[DeviceInfo]:
                 compute_capability=cap,
                 memory_bytes=int(float(mem_mib)) * 2**20,
                 driver_version=driver,
+                uuid=uuid or None,
+                memory_used_bytes=int(float(used_mib)) * 2**20 if used_mib else None,
             )
         )
     return devices

@@ -2,7 +2,11 @@
 
 With `--workers N` on an N-GPU host every worker would otherwise load its engine onto GPU 0. The master
 gives each worker the lowest free slot (a restarted worker takes its predecessor's), and the worker narrows
-CUDA_VISIBLE_DEVICES to that one device before its engine starts in the ASGI lifespan.
+CUDA_VISIBLE_DEVICES to that one device before its engine starts in the ASGI lifespan. Slots are NVML indices,
+which match CUDA's because `aisandbox serve` sets CUDA_DEVICE_ORDER=PCI_BUS_ID.
+
+This mode is for single-GPU engines only: a tensor-parallel engine is served by one worker that sees all of its
+GPUs, and `aisandbox serve` refuses `--workers` > 1 with one (`aisandbox.serve.check_gpu_mode`).
 """
 
 from __future__ import annotations

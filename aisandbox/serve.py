@@ -3,6 +3,11 @@
 `serve` resolves the settings, makes sure the model is there (converting the default model once, or checking
 a TensorRT-LLM engine folder against this machine), exports the settings as AISANDBOX_* variables and then
 replaces itself with gunicorn, so that SIGTERM reaches gunicorn's master directly and drains the workers.
+
+GPUs: with `--workers N` and the trtllm backend, each gunicorn worker is pinned to one GPU
+(`aisandbox.gunicorn_hooks`) and loads its own single-GPU engine. A tensor-parallel engine instead needs one
+worker that sees all of its GPUs: TensorRT-LLM's LLM API spawns one MPI worker process per rank itself. The two
+modes exclude each other, and `serve` refuses the mix before starting anything.
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ from pydantic import ValidationError
 
 from aisandbox.settings import ServerSettings
 
-__all__ = ["add_arguments", "add_prepare_arguments", "gunicorn_argv", "run", "run_prepare", "settings_env"]
+__all__ = [
+    "add_arguments",
+    "add_prepare_arguments",
+    "check_gpu_mode",
+    "gunicorn_argv",
+    "run",
+    "run_prepare",
+    "settings_env",
+]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="a local Hugging Face causal-LM folder (torch backend)")
     p.add_argument("--engine", dest="engine_dir", type=Path, help="a TensorRT-LLM engine folder (trtllm backend)")
     p.add_argument("--served-model-name", help="the model id clients use (default: the folder's name)")
-    p.add_argument("--workers", type=int, help="gunicorn workers, one per GPU (default 1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="gunicorn workers, one per GPU (default 1); must be 1 for a tensor-parallel engine",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--tokenizer-mode", choices=["auto", "hf", "mistral"])
@@ -93,6 +110,21 @@ def gunicorn_argv(settings: ServerSettings) -> list[str]:
     ]  # fmt: skip
 
 
+def check_gpu_mode(workers: int, tp_size: int) -> str | None:
+    """Why these workers cannot serve an engine of `tp_size` ranks, or None.
+
+    One-GPU-per-worker pinning gives each worker one GPU; a TP engine needs tp_size GPUs in one process.
+    """
+    if tp_size > 1 and workers > 1:
+        return (
+            f"the engine is tensor parallel over {tp_size} GPUs, so it runs as ONE gunicorn worker whose TensorRT-LLM "
+            f"executor starts {tp_size} rank processes; --workers {workers} would pin each worker to a single GPU. "
+            "Serve it with --workers 1 (AISANDBOX_WORKERS=1), or build a single-GPU engine (--tp 1) and run one "
+            "worker per GPU"
+        )
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Prepare the model, then exec gunicorn."""
     try:
@@ -104,10 +136,16 @@ def run(args: argparse.Namespace) -> int:
     if settings.backend == "trtllm":
         from aisandbox.runtime.trtllm_backend import check_engine_dir
 
+        # NVML (our GPU checks, gunicorn's pinning) numbers GPUs in PCI order; make CUDA agree.
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         try:
-            check_engine_dir(settings.engine_dir)  # type: ignore[arg-type]
+            manifest = check_engine_dir(settings.engine_dir)  # type: ignore[arg-type]
         except Exception as exc:  # any reason the engine cannot load here is the operator's to read
             print(f"aisandbox serve: cannot serve {settings.engine_dir}: {exc}", file=sys.stderr)
+            return 2
+        problem = check_gpu_mode(settings.workers, manifest.tp_size)
+        if problem is not None:
+            print(f"aisandbox serve: cannot serve {settings.engine_dir}: {problem}", file=sys.stderr)
             return 2
     elif settings.model is None:
         from aisandbox.runtime.default_model import prepare_default_model

@@ -10,7 +10,12 @@ from pathlib import Path
 from aisandbox.artifacts import EngineDirError
 from aisandbox.build_engine.errors import BuildEngineError
 from aisandbox.build_engine.pipeline import BuildRequest, run_build
-from aisandbox.build_engine.profiles import DEFAULT_PROFILES_DIR, KV_PRECISIONS, WEIGHT_PRECISIONS
+from aisandbox.build_engine.profiles import (
+    DEFAULT_PROFILES_DIR,
+    KV_PRECISIONS,
+    SCHEDULER_POLICIES,
+    WEIGHT_PRECISIONS,
+)
 
 __all__ = ["add_arguments", "run"]
 
@@ -23,7 +28,20 @@ _OVERRIDES = {
     "kv_cache_fraction": "kv_cache_free_gpu_memory_fraction",
     "weights": "weights",
     "kv_cache_dtype": "kv_cache",
+    "tp": "tp_size",
+    "scheduler_policy": "scheduler_policy",
+    "default_max_tokens": "default_max_tokens",
 }
+
+
+def _device_list(text: str) -> tuple[int, ...]:
+    try:
+        indices = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GPU indices like 0 or 0,1; got {text!r}") from None
+    if any(i < 0 for i in indices):
+        raise argparse.ArgumentTypeError(f"GPU indices cannot be negative: {text!r}")
+    return indices
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--output", type=Path, default=None, help="engine directory to create (required unless --dry-run)"
     )
     parser.add_argument("--gpu", default="auto", help="'auto' (detect through NVML / nvidia-smi) or a profile name")
-    parser.add_argument("--device", type=int, default=0, help="index of the GPU to build on (default 0)")
+    parser.add_argument(
+        "--device",
+        type=_device_list,
+        default=(0,),
+        help="GPU index (as nvidia-smi numbers them) to build on, default 0; with --tp N either the first of N "
+        "consecutive GPUs or N comma-separated indices",
+    )
     parser.add_argument("--profiles-dir", type=Path, default=DEFAULT_PROFILES_DIR, help="GPU profile folder")
     parser.add_argument(
         "--calib-dataset",
@@ -51,7 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-seq-len", type=int)
     group.add_argument("--kv-cache-fraction", type=float, help="runtime share of free GPU memory for the KV cache")
     group.add_argument("--weights", choices=sorted(WEIGHT_PRECISIONS))
-    group.add_argument("--kv-cache-dtype", choices=sorted(KV_PRECISIONS))
+    group.add_argument(
+        "--kv-cache-dtype",
+        choices=sorted(KV_PRECISIONS),
+        help="fp8 only with --weights fp8; int8 cannot be built by TensorRT-LLM 1.2 (refused with the reason)",
+    )
+    group.add_argument("--tp", type=int, help="tensor parallelism: GPUs one engine spans (1, 2, 4, 8)")
+    group.add_argument("--scheduler-policy", choices=SCHEDULER_POLICIES, help="runtime capacity scheduler")
+    group.add_argument("--default-max-tokens", type=int, help="max_tokens for requests that omit it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         calib_dataset=args.calib_dataset,
         dry_run=args.dry_run,
         force=args.force,
-        device_index=args.device,
+        device_index=args.device[0],
+        device_indices=args.device if len(args.device) > 1 else (),
         profiles_dir=args.profiles_dir,
     )
     try:

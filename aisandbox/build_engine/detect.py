@@ -9,7 +9,7 @@ from aisandbox.artifacts import DeviceInfo, DeviceSource, GpuNotFound
 from aisandbox.build_engine.errors import ProfileError
 from aisandbox.build_engine.profiles import GpuProfile, load_profile, load_profiles
 
-__all__ = ["GpuChoice", "match_profile", "resolve_gpu"]
+__all__ = ["GpuChoice", "match_profile", "rank_devices", "resolve_gpu"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +21,8 @@ class GpuChoice:
     how: str
     """How the profile was chosen, for the progress output."""
     notes: tuple[str, ...] = ()
+    all_devices: tuple[DeviceInfo, ...] = ()
+    """Every GPU the probe listed (for picking the other tensor-parallel ranks)."""
 
     @property
     def memory_bytes(self) -> int:
@@ -35,19 +37,64 @@ class GpuChoice:
         return self.device.name if self.device is not None else self.profile.display_name
 
 
-def _device(source: DeviceSource, index: int) -> DeviceInfo:
+def _probe(source: DeviceSource) -> list[DeviceInfo]:
     try:
-        devices = list(source())
+        return list(source())
     except GpuNotFound as exc:
         raise ProfileError(f"{exc}. On a machine without a GPU, name a profile: --gpu h100-sxm --dry-run") from exc
-    if not 0 <= index < len(devices):
+
+
+def _pick(devices: list[DeviceInfo], index: int) -> DeviceInfo:
+    by_index = {d.index: d for d in devices}
+    if index not in by_index:
         raise ProfileError(f"there is no GPU {index}; found {len(devices)}: {', '.join(d.name for d in devices)}")
-    return devices[index]
+    return by_index[index]
 
 
-def match_profile(device: DeviceInfo, profiles: list[GpuProfile]) -> GpuProfile:
-    """The profile whose name patterns match the device (closest memory size first)."""
-    matches = [p for p in profiles if p.matches(device.name)]
+def rank_devices(choice: GpuChoice, device_indices: tuple[int, ...], tp_size: int) -> tuple[DeviceInfo, ...]:
+    """The GPUs of the ranks 0..tp_size-1, in rank order.
+
+    Args:
+        choice: The resolved GPU choice (its device is rank 0's).
+        device_indices: `--device`: one NVML index (the first rank; the others take the next indices) or
+            exactly tp_size indices.
+        tp_size: Ranks of the engine.
+
+    Raises:
+        ProfileError: Too few GPUs, a wrong count of --device indices, or ranks of different architectures.
+    """
+    if choice.device is None:
+        return ()
+    if len(device_indices) == 1:
+        wanted = tuple(range(device_indices[0], device_indices[0] + tp_size))
+    elif len(device_indices) == tp_size:
+        wanted = device_indices
+    else:
+        raise ProfileError(f"--device names {len(device_indices)} GPUs but the engine has --tp {tp_size} ranks")
+    if len(set(wanted)) != len(wanted):
+        raise ProfileError(f"--device names a GPU twice: {','.join(map(str, wanted))}")
+    devices = list(choice.all_devices) or [choice.device]
+    if tp_size > len(devices):
+        raise ProfileError(f"--tp {tp_size} needs {tp_size} GPUs; this machine has {len(devices)}")
+    ranks = tuple(_pick(devices, i) for i in wanted)
+    for device in ranks[1:]:
+        if device.compute_capability != ranks[0].compute_capability or device.name != ranks[0].name:
+            raise ProfileError(
+                f"tensor-parallel ranks must be the same GPU type: GPU {ranks[0].index} is a {ranks[0].name}, "
+                f"GPU {device.index} a {device.name}; pick matching GPUs with --device"
+            )
+    return ranks
+
+
+def match_profile(device: DeviceInfo, profiles: list[GpuProfile], tp_size: int | None = None) -> GpuProfile:
+    """The profile whose name patterns match the device (closest memory size first).
+
+    Only single-GPU profiles are candidates unless `tp_size` asks for a tensor-parallel one; without one for that
+    tp size, the single-GPU profile is used (and its tp_size overridden by the caller).
+    """
+    candidates = [p for p in profiles if p.matches(device.name)]
+    wanted = tp_size or 1
+    matches = [p for p in candidates if p.tp_size == wanted] or [p for p in candidates if p.tp_size == 1]
     if not matches:
         same_arch = [p.name for p in profiles if p.compute_capability == device.compute_capability]
         hint = (
@@ -74,7 +121,13 @@ def _check_arch(profile: GpuProfile, device: DeviceInfo) -> None:
 
 
 def resolve_gpu(
-    gpu: str, *, profiles_dir: Path, devices: DeviceSource, device_index: int = 0, dry_run: bool = False
+    gpu: str,
+    *,
+    profiles_dir: Path,
+    devices: DeviceSource,
+    device_index: int = 0,
+    dry_run: bool = False,
+    tp_size: int | None = None,
 ) -> GpuChoice:
     """Resolve `--gpu auto|<profile>`.
 
@@ -84,18 +137,21 @@ def resolve_gpu(
         devices: Lists the GPUs (NVML / nvidia-smi in production, a fake in tests).
         device_index: Which GPU to build on.
         dry_run: With a named profile, skip the GPU entirely (plan for the profile's nominal GPU).
+        tp_size: `--tp`, if given: with `auto`, prefer a matching profile made for that many GPUs.
 
     Raises:
         ProfileError: No GPU for `auto`, no matching profile, or the profile's architecture is not this GPU's.
     """
     if gpu == "auto":
-        device = _device(devices, device_index)
-        profile = match_profile(device, load_profiles(profiles_dir))
-        return GpuChoice(profile, device, f"detected GPU {device.index}: {device.name}")
+        found = _probe(devices)
+        device = _pick(found, device_index)
+        profile = match_profile(device, load_profiles(profiles_dir), tp_size)
+        return GpuChoice(profile, device, f"detected GPU {device.index}: {device.name}", (), tuple(found))
     profile = load_profile(gpu, profiles_dir)
     if dry_run:
         return GpuChoice(profile, None, "named by --gpu (dry run: no GPU consulted)")
-    device = _device(devices, device_index)
+    found = _probe(devices)
+    device = _pick(found, device_index)
     _check_arch(profile, device)
     notes = (
         ()
@@ -105,4 +161,6 @@ def resolve_gpu(
             f"building on a {device.name} of the same architecture",
         )
     )
-    return GpuChoice(profile, device, f"named by --gpu, checked against GPU {device.index}: {device.name}", notes)
+    return GpuChoice(
+        profile, device, f"named by --gpu, checked against GPU {device.index}: {device.name}", notes, tuple(found)
+    )

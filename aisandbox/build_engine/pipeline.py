@@ -1,8 +1,10 @@
 """The build as named stages, each printing its progress; the engine directory appears only when complete.
 
 1. checkpoint   validate the Hugging Face folder (`checkpoint.read_checkpoint`)
-2. gpu          resolve the GPU profile, apply overrides, cap limits at the model's window (`detect`, `profiles`)
-3. plan         memory plan (`plan`); a dry run stops here and shows the tensorrt_llm call it would make
+2. gpu          resolve the GPU profile, apply overrides, cap limits at the model's window, pick the GPU of
+                every tensor-parallel rank (`detect`, `profiles`)
+3. plan         memory plan per rank (`plan`); a dry run stops here and shows the tensorrt_llm call it would make;
+                a real build first checks that the GPUs are not busy (another server holding their memory)
 4. compile      tensorrt_llm 1.2.1 build + llm.save into a temporary directory next to the output (`trt_build`)
 5. tokenizer    copy the checkpoint's tokenizer files (tokenizer.model.v3 for mistral-common) into it
 6. manifest     write aisandbox-engine.json (`aisandbox.artifacts`)
@@ -37,9 +39,16 @@ from aisandbox.artifacts import (
     write_manifest,
 )
 from aisandbox.build_engine.checkpoint import Checkpoint, read_checkpoint
-from aisandbox.build_engine.detect import GpuChoice, resolve_gpu
+from aisandbox.build_engine.detect import GpuChoice, rank_devices, resolve_gpu
 from aisandbox.build_engine.errors import BuildEngineError
-from aisandbox.build_engine.plan import MemoryPlan, fit_profile_to_model, format_plan, human_count, plan_memory
+from aisandbox.build_engine.plan import (
+    ACTIVATION_BYTES,
+    MemoryPlan,
+    fit_profile_to_model,
+    format_plan,
+    human_count,
+    plan_memory,
+)
 from aisandbox.build_engine.profiles import DEFAULT_PROFILES_DIR, GpuProfile
 from aisandbox.build_engine.trt_build import (
     BUILD_KV_CACHE_FRACTION,
@@ -51,7 +60,16 @@ from aisandbox.build_engine.trt_build import (
     quant_config_kwargs,
 )
 
-__all__ = ["STAGES", "BuildRequest", "BuildResult", "Builder", "run_build"]
+__all__ = [
+    "BUSY_GPU_MARGIN_BYTES",
+    "STAGES",
+    "BuildRequest",
+    "BuildResult",
+    "Builder",
+    "build_memory_need",
+    "check_gpus_free",
+    "run_build",
+]
 
 STAGES = ("checkpoint", "gpu", "plan", "compile", "tokenizer", "manifest", "publish")
 _CALIB_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
@@ -74,6 +92,9 @@ class BuildRequest:
     force: bool = False
     """Replace an existing --output directory."""
     device_index: int = 0
+    """NVML index of rank 0's GPU (as nvidia-smi lists them)."""
+    device_indices: tuple[int, ...] = ()
+    """NVML indices of every rank's GPU (overrides device_index; default: device_index and the next ones)."""
     profiles_dir: Path = DEFAULT_PROFILES_DIR
 
 
@@ -121,7 +142,45 @@ def _check_calib_dataset(path: Path) -> None:
         )
 
 
-def _spec(request: BuildRequest, plan: MemoryPlan, workspace: Path) -> BuildSpec:
+BUSY_GPU_MARGIN_BYTES = 2 * 2**30
+"""Memory others may hold on a GPU before a build counts it busy (driver, a desktop, a monitoring agent)."""
+
+
+def build_memory_need(ckpt: Checkpoint, plan: MemoryPlan) -> int:
+    """Bytes one rank's GPU must have free for the build (an estimate that errs high).
+
+    The build loads the weights, runs a profiling pass of max_num_tokens, then starts an executor with a small KV
+    cache. Calibration (ModelOpt) first loads the whole unquantized checkpoint on one GPU, in bf16/fp16.
+    """
+    need = plan.weights_bytes + plan.activation_bytes + plan.overhead_bytes
+    if plan.needs_calibration:
+        need = max(need, ckpt.summary.num_parameters * ACTIVATION_BYTES + plan.overhead_bytes)
+    return need
+
+
+def check_gpus_free(ckpt: Checkpoint, plan: MemoryPlan, devices: tuple[DeviceInfo, ...]) -> None:
+    """Refuse to build on GPUs that other processes hold (a running `api` server keeps ~90% for its KV cache).
+
+    Raises:
+        BuildEngineError: A GPU has less free memory than the build needs; the message names the GPU and the fix.
+    """
+    need = build_memory_need(ckpt, plan)
+    for device in devices:
+        used = device.memory_used_bytes
+        if used is None or used <= BUSY_GPU_MARGIN_BYTES:
+            continue
+        free = device.memory_bytes - used
+        if free < need:
+            raise BuildEngineError(
+                f"GPU {device.index} ({device.name}) has {used / 2**30:.1f} GiB in use by other processes, "
+                f"{free / 2**30:.1f} GiB free; the build needs about {need / 2**30:.1f} GiB"
+                + (" (calibration loads the whole checkpoint in 16-bit)" if plan.needs_calibration else "")
+                + ". Stop what holds it first, e.g. the serving container (docker compose stop api), or build on "
+                "another GPU (--device)."
+            )
+
+
+def _spec(request: BuildRequest, plan: MemoryPlan, workspace: Path, devices: tuple[DeviceInfo, ...] = ()) -> BuildSpec:
     p = plan.profile
     return BuildSpec(
         checkpoint=request.checkpoint,
@@ -134,6 +193,8 @@ def _spec(request: BuildRequest, plan: MemoryPlan, workspace: Path) -> BuildSpec
         max_seq_len=p.max_seq_len,
         workspace=workspace,
         calib_dataset=request.calib_dataset,
+        tp_size=p.tp_size,
+        devices=devices,
     )
 
 
@@ -166,8 +227,12 @@ def _copy_tokenizer(checkpoint: Path, engine_dir: Path) -> list[str]:
     return copied
 
 
-def _manifest(ckpt: Checkpoint, plan: MemoryPlan, device: DeviceInfo, versions: LibraryVersions) -> EngineManifest:
+def _manifest(
+    ckpt: Checkpoint, plan: MemoryPlan, devices: tuple[DeviceInfo, ...], versions: LibraryVersions
+) -> EngineManifest:
     p = plan.profile
+    recorded = tuple(dataclasses.replace(d, memory_used_bytes=None) for d in devices)
+    device = recorded[0]
     if versions.tensorrt_llm is None or versions.tensorrt is None:
         raise BuildEngineError(f"cannot record the engine's library versions ({versions}); is TensorRT installed?")
     identity = EngineIdentity(
@@ -183,6 +248,7 @@ def _manifest(ckpt: Checkpoint, plan: MemoryPlan, device: DeviceInfo, versions: 
         compute_capability=device.compute_capability,
         tensorrt_llm=versions.tensorrt_llm,
         tensorrt=versions.tensorrt,
+        tp_size=p.tp_size,
     )
     return EngineManifest(
         engine_hash=engine_hash(identity),
@@ -192,6 +258,7 @@ def _manifest(ckpt: Checkpoint, plan: MemoryPlan, device: DeviceInfo, versions: 
         profile=p.to_engine_profile(),
         gpu=device,
         versions=versions,
+        gpus=recorded,
     )
 
 
@@ -229,15 +296,20 @@ def run_build(
         request.gpu,
         profiles_dir=request.profiles_dir,
         devices=devices,
-        device_index=request.device_index,
+        device_index=(request.device_indices or (request.device_index,))[0],
         dry_run=request.dry_run,
+        tp_size=request.overrides.get("tp_size"),
     )
     profile, notes = _resolve_profile(request, ckpt, choice)
     q = profile.quantization
+    indices = request.device_indices or (request.device_index,)
+    ranks = rank_devices(choice, indices, profile.tp_size)
+    tp = f", tensor parallel over {profile.tp_size} GPUs" if profile.tp_size > 1 else ""
+    on = f" on GPU {','.join(str(d.index) for d in ranks)}" if ranks else ""
     progress.stage(
         "gpu",
         f"profile {profile.name} ({profile.display_name}, compute {profile.compute_capability}; {choice.how}): "
-        f"weights {q.weights}, KV cache {q.kv_cache}",
+        f"weights {q.weights}, KV cache {q.kv_cache}{tp}{on}",
     )
 
     plan = plan_memory(
@@ -265,8 +337,9 @@ def run_build(
     if output.exists() and not request.force:
         raise BuildEngineError(f"{output} already exists; pass --force to replace it")
     check_trtllm_version(versions().tensorrt_llm)
-    if choice.device is None:
+    if not ranks:
         raise BuildEngineError("a real build needs the GPU it compiles for")  # resolve_gpu always probes then
+    check_gpus_free(ckpt, plan, ranks)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
@@ -274,15 +347,16 @@ def run_build(
         built = partial / "engine"
         built.mkdir()
         progress.stage("compile", f"building in {partial}")
-        trtllm_version = builder(_spec(request, plan, partial / "workspace"), built, say)
-        if not (built / TRTLLM_CONFIG_FILE).is_file() or not any(built.glob("*.engine")):
-            raise BuildEngineError(f"tensorrt_llm saved no engine into {built}")
+        trtllm_version = builder(_spec(request, plan, partial / "workspace", ranks), built, say)
+        missing = [f"rank{r}.engine" for r in range(profile.tp_size) if not (built / f"rank{r}.engine").is_file()]
+        if not (built / TRTLLM_CONFIG_FILE).is_file() or missing:
+            raise BuildEngineError(f"tensorrt_llm saved no complete engine into {built} (missing: {missing})")
 
         copied = _copy_tokenizer(request.checkpoint, built)
         progress.stage("tokenizer", "copied " + ", ".join(copied))
 
         found = versions()
-        manifest = _manifest(ckpt, plan, choice.device, dataclasses.replace(found, tensorrt_llm=trtllm_version))
+        manifest = _manifest(ckpt, plan, ranks, dataclasses.replace(found, tensorrt_llm=trtllm_version))
         write_manifest(built, manifest)
         progress.stage(
             "manifest",

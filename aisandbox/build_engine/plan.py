@@ -1,18 +1,22 @@
 """Stage 3: the memory plan — what the weights take, what is left for the paged KV cache, what that allows.
 
-The arithmetic, for one GPU with `M` bytes:
+The arithmetic is per rank: with tensor parallelism (tp_size = T GPUs of `M` bytes each) every rank holds 1/T
+of the attention and MLP projections and 1/T of the KV heads, and sizes its own KV pool the same way:
 
-* weights = linear parameters x bytes per weight at the chosen precision + other parameters (embeddings, lm_head,
-  norms) x 2 (they stay bf16/fp16);
-* activations (estimate) = max_num_tokens x (3 x intermediate + 3 x hidden) x 2 bytes — the widest MLP
+* weights = linear parameters x bytes per weight at the chosen precision / T + other parameters (embeddings,
+  lm_head, norms) x 2 (they stay bf16/fp16; counted whole on every rank, which over-counts lm_head's split);
+* activations (estimate) = max_num_tokens x (3 x intermediate / T + 3 x hidden) x 2 bytes — the widest MLP
   intermediates of one engine step — plus max_batch_size x vocab x 4 bytes of fp32 logits;
-* runtime overhead (estimate) = 1 GiB for the CUDA context, cuBLAS/TensorRT workspaces and decoder buffers;
+* runtime overhead (estimate) = 1 GiB for the CUDA context, cuBLAS/TensorRT workspaces and decoder buffers,
+  plus 0.5 GiB per rank for NCCL / all-reduce buffers when T > 1;
 * KV pool = kv_cache_free_gpu_memory_fraction x (M - weights - activations - overhead), which is how the
   TensorRT-LLM runtime sizes it (KvCacheConfig.free_gpu_memory_fraction of the memory free after loading);
-* KV bytes per token = 2 (K and V) x layers x KV heads x head_dim x bytes per KV element;
-* KV tokens = the pool / bytes per token, rounded down to whole 32-token blocks (tokens_per_block).
+* KV bytes per token = 2 (K and V) x layers x KV heads / T x head_dim x bytes per KV element;
+* KV tokens = the pool / bytes per token, rounded down to whole 32-token blocks (tokens_per_block). The ranks
+  hold the same tokens (each its share of the heads), so this is also the engine's capacity.
 
-For Mistral-7B (32 layers, 8 KV heads of 128) that is 128 KiB per token in bf16 and 64 KiB in FP8.
+For Mistral-7B (32 layers, 8 KV heads of 128) that is 128 KiB per token in bf16 and 64 KiB in FP8 at TP1, half
+that per rank at TP2.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from aisandbox.build_engine.profiles import KV_PRECISIONS, WEIGHT_PRECISIONS, Gp
 __all__ = [
     "ACTIVATION_BYTES",
     "RUNTIME_OVERHEAD_BYTES",
+    "TP_OVERHEAD_BYTES",
     "TOKENS_PER_BLOCK",
     "MemoryPlan",
+    "check_tp",
     "compute_dtype",
     "fit_profile_to_model",
     "format_plan",
@@ -40,6 +46,8 @@ __all__ = [
 
 GiB = 2**30
 RUNTIME_OVERHEAD_BYTES = 1 * GiB
+TP_OVERHEAD_BYTES = GiB // 2
+"""Extra per rank with tensor parallelism: NCCL communicators and the custom all-reduce workspace (estimate)."""
 ACTIVATION_BYTES = 2
 """Bytes per activation element (bf16/fp16 compute)."""
 TOKENS_PER_BLOCK = 32
@@ -60,9 +68,19 @@ def compute_dtype(profile: GpuProfile, checkpoint_dtype: str) -> str:
     return "bfloat16" if (major, minor) >= (8, 0) else "float16"
 
 
-def kv_bytes_per_token(model: ModelSummary, kv_cache: str) -> int:
-    """KV-cache bytes one token takes across all layers (K and V)."""
-    return int(2 * model.num_layers * model.num_kv_heads * model.head_dim * KV_PRECISIONS[kv_cache].bytes_per_value)
+def kv_bytes_per_token(model: ModelSummary, kv_cache: str, tp_size: int = 1) -> int:
+    """KV-cache bytes one token takes across all layers (K and V), on one of `tp_size` ranks."""
+    heads = model.num_kv_heads // tp_size
+    return int(2 * model.num_layers * heads * model.head_dim * KV_PRECISIONS[kv_cache].bytes_per_value)
+
+
+def check_tp(model: ModelSummary, tp_size: int) -> None:
+    """Raise PlanError unless the model's heads split evenly over `tp_size` ranks."""
+    if model.num_attention_heads % tp_size or model.num_kv_heads % tp_size:
+        raise PlanError(
+            f"--tp {tp_size} does not divide the model's {model.num_attention_heads} attention heads and "
+            f"{model.num_kv_heads} KV heads; use a tp size that divides both (e.g. 1, 2, 4 or 8 for Mistral-7B)"
+        )
 
 
 def fit_profile_to_model(
@@ -103,6 +121,7 @@ class MemoryPlan:
     model: ModelSummary
     gpu_name: str
     gpu_memory_bytes: int
+    """Memory of one GPU (one rank)."""
     compute_dtype: str
     weights_bytes: int
     activation_bytes: int
@@ -110,9 +129,14 @@ class MemoryPlan:
     kv_pool_bytes: int
     kv_bytes_per_token: int
     kv_tokens: int
-    """Tokens the paged KV cache holds, in whole blocks."""
+    """Tokens the paged KV cache holds, in whole blocks (per rank, which is also the engine's capacity)."""
     needs_calibration: bool
     notes: tuple[str, ...] = field(default=())
+
+    @property
+    def tp_size(self) -> int:
+        """Ranks (GPUs) the plan is for."""
+        return self.profile.tp_size
 
     @property
     def free_bytes(self) -> int:
@@ -146,31 +170,41 @@ def plan_memory(
     model = checkpoint.summary
     weights = profile.quantization.weights
     kv = profile.quantization.kv_cache
-    weights_bytes = math.ceil(checkpoint.linear_parameters * WEIGHT_PRECISIONS[weights].bytes_per_value) + (
+    tp = profile.tp_size
+    check_tp(model, tp)
+    weights_bytes = math.ceil(checkpoint.linear_parameters * WEIGHT_PRECISIONS[weights].bytes_per_value / tp) + (
         checkpoint.other_parameters * ACTIVATION_BYTES
     )
     activation_bytes = (
-        profile.max_num_tokens * (3 * model.intermediate_size + 3 * model.hidden_size) * ACTIVATION_BYTES
+        profile.max_num_tokens * (3 * model.intermediate_size // tp + 3 * model.hidden_size) * ACTIVATION_BYTES
         + profile.max_batch_size * model.vocab_size * 4
     )
-    free = gpu_memory_bytes - weights_bytes - activation_bytes - RUNTIME_OVERHEAD_BYTES
+    overhead = RUNTIME_OVERHEAD_BYTES + (TP_OVERHEAD_BYTES if tp > 1 else 0)
+    free = gpu_memory_bytes - weights_bytes - activation_bytes - overhead
     if free <= 0:
+        ranks = f" per rank at --tp {tp}" if tp > 1 else ""
         raise PlanError(
             f"{model.architecture} does not fit a {gpu_name} ({gpu_memory_bytes / GiB:.1f} GiB) with {weights} "
-            f"weights: weights {weights_bytes / GiB:.2f} GiB + activations {activation_bytes / GiB:.2f} GiB + "
-            f"overhead {RUNTIME_OVERHEAD_BYTES / GiB:.2f} GiB. Use smaller weights (--weights int4_awq or int8_wo) "
-            "or a lower --max-num-tokens."
+            f"weights{ranks}: weights {weights_bytes / GiB:.2f} GiB + activations {activation_bytes / GiB:.2f} GiB + "
+            f"overhead {overhead / GiB:.2f} GiB. Use smaller weights (--weights int4_awq or int8_wo), more GPUs "
+            "(--tp), or a lower --max-num-tokens."
         )
     kv_pool = int(free * profile.kv_cache_free_gpu_memory_fraction)
-    per_token = kv_bytes_per_token(model, kv)
+    per_token = kv_bytes_per_token(model, kv, tp)
     kv_tokens = kv_pool // per_token // TOKENS_PER_BLOCK * TOKENS_PER_BLOCK
     if kv_tokens < profile.max_seq_len:
         raise PlanError(
             f"the KV cache holds {kv_tokens} tokens ({kv_pool / GiB:.2f} GiB at {per_token // 1024} KiB per token), "
-            f"less than one max_seq_len sequence ({profile.max_seq_len}). Lower --max-seq-len, use an FP8/INT8 KV "
-            "cache (--kv-cache-dtype), smaller weights, or a higher --kv-cache-fraction."
+            f"less than one max_seq_len sequence ({profile.max_seq_len}). Lower --max-seq-len, use smaller weights "
+            "(on Ada/Hopper --weights fp8 --kv-cache-dtype fp8 halves both), more GPUs (--tp), or a higher "
+            "--kv-cache-fraction."
         )
-    plan_notes = list(notes)
+    plan_notes = list(notes) + [f"unverified: {caveat}" for caveat in profile.caveats]
+    if profile.default_max_tokens is None and profile.scheduler_policy == "guaranteed_no_evict":
+        plan_notes.append(
+            f"requests without max_tokens reserve KV for the whole rest of the context (up to {profile.max_seq_len} "
+            f"tokens each) under guaranteed_no_evict: only {kv_tokens // profile.max_seq_len} of them run at once"
+        )
     if profile.max_batch_size > profile.max_num_tokens:
         plan_notes.append("max_batch_size exceeds max_num_tokens: not every sequence can decode in one step")
     needs_calibration = WEIGHT_PRECISIONS[weights].needs_calibration or KV_PRECISIONS[kv].needs_calibration
@@ -182,7 +216,7 @@ def plan_memory(
         compute_dtype=compute_dtype(profile, model.dtype),
         weights_bytes=weights_bytes,
         activation_bytes=activation_bytes,
-        overhead_bytes=RUNTIME_OVERHEAD_BYTES,
+        overhead_bytes=overhead,
         kv_pool_bytes=kv_pool,
         kv_bytes_per_token=per_token,
         kv_tokens=kv_tokens,
@@ -205,24 +239,29 @@ def format_plan(plan: MemoryPlan) -> str:
     p = plan.profile
     w = WEIGHT_PRECISIONS[p.quantization.weights]
     kv = KV_PRECISIONS[p.quantization.kv_cache]
+    per_rank = f" (per GPU; every line below is per rank, {plan.tp_size} ranks)" if plan.tp_size > 1 else ""
     lines = [
-        f"  GPU memory          {_gib(plan.gpu_memory_bytes)}  {plan.gpu_name}",
+        f"  GPU memory          {_gib(plan.gpu_memory_bytes)}  {plan.gpu_name}{per_rank}",
         f"  weights             {_gib(plan.weights_bytes)}  {human_count(plan.model.num_parameters)} parameters: "
         f"projections {w.label}, embeddings/lm_head/norms {plan.compute_dtype}",
         f"  activations (est.)  {_gib(plan.activation_bytes)}  max_num_tokens {p.max_num_tokens}, "
         f"logits for max_batch_size {p.max_batch_size}",
-        f"  runtime overhead    {_gib(plan.overhead_bytes)}  CUDA context, workspaces (estimate)",
+        f"  runtime overhead    {_gib(plan.overhead_bytes)}  CUDA context, workspaces"
+        + (", NCCL / all-reduce" if plan.tp_size > 1 else "")
+        + " (estimate)",
         f"  free                {_gib(plan.free_bytes)}",
         f"  paged KV cache      {_gib(plan.kv_pool_bytes)}  {p.kv_cache_free_gpu_memory_fraction:.2f} of free, "
         f"{kv.label}",
         f"  KV per token        {plan.kv_bytes_per_token / 1024:8.2f} KiB  ({plan.kv_bytes_per_token} B) "
-        f"2 x {plan.model.num_layers} layers x {plan.model.num_kv_heads} KV heads x {plan.model.head_dim} dims "
-        f"x {kv.bytes_per_value:g} B",
+        f"2 x {plan.model.num_layers} layers x {plan.model.num_kv_heads // plan.tp_size} KV heads x "
+        f"{plan.model.head_dim} dims x {kv.bytes_per_value:g} B",
         f"  KV capacity         {plan.kv_tokens:>8} tokens  ({TOKENS_PER_BLOCK}-token blocks)",
         f"  limits              max_batch_size {p.max_batch_size}, max_num_tokens {p.max_num_tokens}, "
         f"max_input_len {p.max_input_len}, max_seq_len {p.max_seq_len}",
         f"  => {plan.full_length_sequences} sequences of the full {p.max_seq_len} tokens fit at once; "
         f"with {p.max_batch_size} running, each can hold {plan.tokens_per_sequence_at_max_batch} tokens",
+        f"  scheduler           {p.scheduler_policy}, default max_tokens "
+        + (str(p.default_max_tokens) if p.default_max_tokens is not None else "the rest of the context"),
     ]
     if plan.needs_calibration:
         lines.append("  calibration         needed (ModelOpt): pass a local --calib-dataset for the real build")

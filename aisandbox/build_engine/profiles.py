@@ -1,8 +1,10 @@
 """GPU profiles: one YAML file per GPU type under `configs/gpu/`, loaded into a validated pydantic model.
 
 A profile says how to compile Mistral-7B-Instruct-v0.3 for one GPU type: which precision the weights and the
-KV cache use, and the engine's batch and sequence limits. Precisions the GPU cannot run are refused here, with
-the reason (FP8 needs Ada or Hopper, compute capability 8.9+; bf16 needs Ampere, 8.0+).
+KV cache use, how many GPUs one engine spans (tensor parallelism), the engine's batch and sequence limits, and
+how the runtime schedules (capacity scheduler policy, default completion length). Precisions the GPU cannot run
+are refused here, with the reason (FP8 needs Ada or Hopper, compute capability 8.9+; bf16 needs Ampere, 8.0+),
+and so are weight / KV-cache pairs TensorRT-LLM 1.2 cannot build (`check_kv_cache_combination`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ __all__ = [
     "GpuProfile",
     "Precision",
     "Quantization",
+    "SCHEDULER_POLICIES",
+    "check_kv_cache_combination",
     "check_precision_supported",
     "list_profiles",
     "load_profile",
@@ -73,6 +77,11 @@ KV_PRECISIONS: dict[str, Precision] = {
 """KV-cache precisions (tensorrt_llm QuantConfig.kv_cache_quant_algo)."""
 
 
+SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
+"""Profile values of tensorrt_llm's CapacitySchedulerPolicy (GUARANTEED_NO_EVICT, MAX_UTILIZATION)."""
+SchedulerPolicy = Literal["guaranteed_no_evict", "max_utilization"]
+
+
 def _cc(text: str) -> tuple[int, int]:
     major, minor = text.split(".")
     return int(major), int(minor)
@@ -86,11 +95,35 @@ def check_precision_supported(weights: str, kv_cache: str, compute_capability: s
         if cc < need:
             hint = (
                 "FP8 needs an Ada (8.9) or Hopper (9.0) GPU; on Ampere use bf16, int8_wo or int4_awq weights and a "
-                "bf16 or int8 KV cache"
+                "bf16 KV cache"
                 if value == "fp8"
                 else f"{value} needs compute capability {need[0]}.{need[1]} or newer"
             )
             raise ProfileError(f"{gpu} (compute capability {compute_capability}) cannot run {value} {kind}: {hint}.")
+
+
+def check_kv_cache_combination(weights: str, kv_cache: str) -> None:
+    """Raise ProfileError for a weight / KV-cache pair that TensorRT-LLM 1.2 cannot build.
+
+    The engine keeps KV block reuse (prefix caching), which needs `PluginConfig.use_paged_context_fmha` (on by
+    default). With it, tensorrt_llm/builder.py `build()` raises "Paged Context FMHA doesn't work with int8 kv
+    cache currently" for any INT8 KV cache, and "FP8 Paged Context FMHA only works with fp8 quantization
+    workflow currently" for an FP8 KV cache without FP8 weights. (Before that, an INT8/FP8 KV cache with weights
+    that ModelOpt does not quantize, `QuantConfig._requires_modelopt_quantization` in models/modeling_utils.py,
+    takes the legacy calibration path, which fails on a local dataset folder.)
+    """
+    if kv_cache == "int8":
+        raise ProfileError(
+            "an INT8 KV cache cannot be built: TensorRT-LLM 1.2's paged context FMHA (needed for KV block reuse) "
+            "refuses it ('Paged Context FMHA doesn't work with int8 kv cache'). Use --kv-cache-dtype bf16 "
+            "(fp16 on pre-Ampere), or fp8 together with --weights fp8 on Ada/Hopper."
+        )
+    if kv_cache == "fp8" and weights != "fp8":
+        raise ProfileError(
+            f"an FP8 KV cache needs FP8 weights in TensorRT-LLM 1.2 ('FP8 Paged Context FMHA only works with fp8 "
+            f"quantization workflow'); with {weights} weights use --kv-cache-dtype bf16 (or fp16), or choose "
+            "--weights fp8 --kv-cache-dtype fp8 on Ada/Hopper."
+        )
 
 
 class Quantization(BaseModel):
@@ -118,8 +151,10 @@ class GpuProfile(BaseModel):
     compute_capability: str = Field(pattern=r"^\d+\.\d+$")
     """SM version the GPU type has; the engine binds to it."""
     memory_gib: float = Field(gt=0)
-    """Device memory as NVML reports it (used for the plan when no GPU is present, e.g. --dry-run)."""
+    """Device memory of ONE GPU as NVML reports it (used for the plan when no GPU is present, e.g. --dry-run)."""
     quantization: Quantization
+    tp_size: int = Field(default=1, ge=1, le=8)
+    """Tensor parallelism: GPUs one engine spans (one rank per GPU); the memory plan is per rank."""
     max_batch_size: int = Field(ge=1, le=4096)
     """Most sequences decoded together (build limit; the in-flight batch)."""
     max_num_tokens: int = Field(ge=16)
@@ -130,6 +165,15 @@ class GpuProfile(BaseModel):
     """Longest prompt + completion."""
     kv_cache_free_gpu_memory_fraction: float = Field(gt=0.0, le=0.98)
     """Share of the GPU memory left after weights and activations that the runtime gives to the paged KV cache."""
+    scheduler_policy: SchedulerPolicy = "guaranteed_no_evict"
+    """Runtime capacity scheduler. guaranteed_no_evict reserves KV for prompt + max_tokens at admission (a request
+    never stalls mid-stream, but a large max_tokens admits fewer requests); max_utilization admits while blocks are
+    free and pauses (evicts, later recomputes) requests when the cache runs out."""
+    default_max_tokens: int | None = Field(default=None, ge=1)
+    """max_tokens for requests that omit it (capped at the rest of the context). None: the rest of the context,
+    which under guaranteed_no_evict reserves max_seq_len tokens of KV per such request."""
+    caveats: tuple[str, ...] = ()
+    """What about this profile is not verified on hardware; printed with the plan."""
 
     @field_validator("match")
     @classmethod
@@ -157,6 +201,7 @@ class GpuProfile(BaseModel):
             check_precision_supported(
                 self.quantization.weights, self.quantization.kv_cache, self.compute_capability, self.display_name
             )
+            check_kv_cache_combination(self.quantization.weights, self.quantization.kv_cache)
         except ProfileError as exc:
             raise ValueError(str(exc)) from exc
         return self
@@ -193,6 +238,9 @@ class GpuProfile(BaseModel):
             max_input_len=self.max_input_len,
             max_seq_len=self.max_seq_len,
             kv_cache_free_gpu_memory_fraction=self.kv_cache_free_gpu_memory_fraction,
+            tp_size=self.tp_size,
+            scheduler_policy=self.scheduler_policy,
+            default_max_tokens=self.default_max_tokens,
         )
 
 

@@ -15,23 +15,32 @@ unit-tested against the names in 1.2.1's BuildConfig, QuantConfig, CalibConfig, 
   `QuantConfig.kv_cache_quant_algo`), `CalibConfig`, `KvCacheConfig`.
 * `tensorrt_llm/builder.py`: `BuildConfig` fields. `tensorrt_llm/models/modeling_utils.py`: `QuantConfig`.
   `tensorrt_llm/quantization/mode.py`: `QuantAlgo` members.
+* Which GPU: tensorrt_llm's executor worker (`tensorrt_llm/executor/worker.py`) selects the CUDA device
+  `global_rank % device_count`, so rank 0 always builds on CUDA device 0 of what it can see. CUDA numbers
+  devices fastest-first unless `CUDA_DEVICE_ORDER=PCI_BUS_ID`, while NVML (our `--device`) numbers them in PCI
+  order. `cuda_device_env` therefore pins the ranks' GPUs by NVML UUID (or PCI-ordered index) in
+  CUDA_VISIBLE_DEVICES before tensorrt_llm is imported; its MPI workers inherit the environment.
+* Tensor parallelism: `tensor_parallel_size` is an `_TrtLLM.__init__` parameter (llmapi/llm.py); the LLM API
+  spawns one MPI worker per rank itself (`MpiPoolSession`, llmapi/mpi_session.py) and writes rank{N}.engine.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aisandbox.artifacts import TRTLLM_MISSING_MESSAGE, EngineIncompatible, check_trtllm_version
+from aisandbox.artifacts import TRTLLM_MISSING_MESSAGE, DeviceInfo, EngineIncompatible, check_trtllm_version
 from aisandbox.build_engine.profiles import KV_PRECISIONS, WEIGHT_PRECISIONS
 
 __all__ = [
     "BUILD_KV_CACHE_FRACTION",
     "BuildSpec",
     "build_config_kwargs",
+    "cuda_device_env",
     "build_with_trtllm",
     "calib_config_kwargs",
     "llm_build_kwargs",
@@ -61,6 +70,22 @@ class BuildSpec:
     """A local dataset folder (load_dataset(dir, split='train') with a 'text' column); None when not needed."""
     calib_size: int = 512
     calib_max_seq_length: int = 512
+    tp_size: int = 1
+    """Tensor-parallel ranks (GPUs)."""
+    devices: tuple[DeviceInfo, ...] = ()
+    """The ranks' GPUs in rank order (empty: whatever CUDA device 0.. is, as in a dry run)."""
+
+
+def cuda_device_env(devices: Sequence[DeviceInfo]) -> dict[str, str]:
+    """Environment that makes CUDA devices 0..N-1 of this process exactly these GPUs, in this order.
+
+    UUIDs are order-independent; without them, NVML's index is the PCI-bus-order index, so CUDA is told to
+    number devices in PCI order too.
+    """
+    if not devices:
+        return {}
+    ids = [d.uuid if d.uuid else str(d.index) for d in devices]
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(ids)}
 
 
 def quant_config_kwargs(weights: str, kv_cache: str) -> dict[str, str | None]:
@@ -102,6 +127,7 @@ def llm_build_kwargs(spec: BuildSpec) -> dict[str, Any]:
     return {
         "model": str(spec.checkpoint),
         "dtype": spec.dtype,
+        "tensor_parallel_size": spec.tp_size,
         "workspace": str(spec.workspace),
         # The built-in build cache keys on the model path and build config but not the GPU architecture.
         "enable_build_cache": False,
@@ -117,9 +143,16 @@ def _offline() -> None:
 def build_with_trtllm(spec: BuildSpec, engine_dir: Path, say: Callable[[str], None]) -> str:
     """Build the engine from the checkpoint and save it into `engine_dir`; return the tensorrt_llm version.
 
-    Needs a GPU and tensorrt_llm 1.2.x (NVIDIA's release:1.2.1 image).
+    Needs a GPU (tp_size of them) and tensorrt_llm 1.2.x (NVIDIA's release:1.2.1 image).
     """
     _offline()
+    env = cuda_device_env(spec.devices)
+    torch: Any = sys.modules.get("torch")
+    cuda_started = torch is not None and bool(torch.cuda.is_initialized())
+    if env and (cuda_started or any(name in sys.modules for name in ("tensorrt_llm", "mpi4py"))):
+        # CUDA and MPI read the device list once; too late to pin the GPUs in this process.
+        raise RuntimeError("CUDA or MPI started before the build chose its GPUs; run build-engine in its own process")
+    os.environ.update(env)
     try:
         import tensorrt_llm
     except ImportError as exc:

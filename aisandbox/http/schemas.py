@@ -93,7 +93,7 @@ class _SamplingFields(_Strict):
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: StrictInt | None = None
+    seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)] | None = None  # int64, as OpenAI documents it
     user: str | None = None
     frequency_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = None
     presence_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = None

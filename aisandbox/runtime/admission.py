@@ -253,7 +253,13 @@ class Admission:
             )
 
     def check_context(self, prompt_len: int, max_tokens: int | None, param: str | None) -> int:
-        return check_context(prompt_len, max_tokens, self._check_state().max_model_len, param)
+        info = self._check_state()
+        resolved = check_context(prompt_len, max_tokens, info.max_model_len, param)
+        if max_tokens is None and info.default_max_tokens is not None:
+            # A backend whose scheduler reserves KV for prompt + max_tokens up front (TensorRT-LLM's
+            # GUARANTEED_NO_EVICT) caps the default, or a few requests would reserve the whole cache.
+            resolved = min(resolved, info.default_max_tokens)
+        return resolved
 
     def submit(self, requests: Sequence[GenerationRequest]) -> Submission:
         info = self._check_state()

@@ -16,21 +16,35 @@ This is the only runtime module that imports tensorrt_llm, and only inside `_Trt
   fans n out), `detokenize=False` (our text layer detokenizes and matches stop strings, then calls
   `RequestStream.aclose()`, which aborts the engine request), a fresh random seed when the client gave none.
 * `stats()` combines our in-flight count with the executor's iteration stats (`LLM.get_stats_async`).
+* A watch task notices a dead executor: every `health_interval_s` it asks the runner (`check_health`: the LLM's
+  own `_check_health()` where 1.2.x has it, else the executor's shutdown flag, its MPI worker futures and its
+  background-error queue), and it treats `stall_timeout_s` without any output or iteration while requests run
+  as a hung executor. Either marks the engine DEAD with the reason (so `/health` says so) and ends every live
+  request with an error delta.
+* Tensor parallelism: `tensor_parallel_size` from the manifest; the LLM API spawns one MPI worker per rank
+  (llmapi/mpi_session.py `MpiPoolSession`), each on CUDA device `rank % device_count` (executor/worker.py), so
+  this process must see exactly the engine's GPUs.
 
 tensorrt_llm names used, checked against the v1.2.x source: `tensorrt_llm.__version__` (version.py);
 `_tensorrt_engine.LLM` (= llmapi/llm.py `_TrtLLM`; its kwargs are TrtLlmArgs fields, llmapi/llm_args.py);
 `LLM.generate_async`, `LLM.get_stats_async`, `LLM.shutdown` (llmapi/llm.py); `llmapi.SamplingParams`
-(sampling_params.py); `llmapi.KvCacheConfig` (llmapi/llm_args.py); `RequestOutput.abort`, async iteration,
-`outputs[0].token_ids_diff / finish_reason / stop_reason` (executor/result.py).
+(sampling_params.py); `llmapi.KvCacheConfig`, `llmapi.SchedulerConfig`, `llmapi.CapacitySchedulerPolicy`
+(llmapi/llm_args.py); `RequestOutput.abort`, async iteration, `outputs[0].token_ids_diff / finish_reason /
+stop_reason` (executor/result.py). Read defensively through getattr, as they are private: `LLM._check_health`
+(llmapi/llm.py, in later 1.2.x), `LLM._executor`, `GenerationExecutor.is_shutdown()` (executor/executor.py),
+`GenerationExecutorProxy.mpi_futures` and `._error_queue` (executor/proxy.py, where `mpi_done_callback` puts a
+dead worker's exception and nothing else notices it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
 import threading
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +68,7 @@ from aisandbox.errors import EngineDead, InvalidRequest
 from aisandbox.runtime.engine import BackendHost
 from aisandbox.runtime.tokenizer import Tokenizer, TokenizerMode, load_tokenizer
 from aisandbox.runtime.types import (
+    EngineState,
     EngineStats,
     FinishReason,
     GenerationRequest,
@@ -72,13 +87,27 @@ __all__ = [
     "final_delta",
     "llm_runtime_kwargs",
     "parse_iteration_stats",
+    "executor_health",
     "sampling_kwargs",
+    "uint64_seed",
+    "visible_gpus",
 ]
 
 log = logging.getLogger(__name__)
 
 
 # ---- plain-data translation (unit-tested against the 1.2.1 names) ----
+
+_UINT64 = 2**64
+
+
+def uint64_seed(seed: int) -> int:
+    """Map any integer seed (OpenAI's is a signed int64) onto tensorrt_llm's uint64 seed, deterministically.
+
+    Two's complement modulo 2**64: non-negative int64 seeds are unchanged, -1 becomes 2**64 - 1, and distinct
+    int64 seeds stay distinct (the HTTP layer's seed + choice index may step just past int64; that wraps too).
+    """
+    return seed % _UINT64
 
 
 def sampling_kwargs(sp: SamplingParams, eos_token_ids: Sequence[int], seed: int) -> dict[str, Any]:
@@ -103,7 +132,7 @@ def sampling_kwargs(sp: SamplingParams, eos_token_ids: Sequence[int], seed: int)
         "detokenize": False,
         # Keep the stop token in token_ids; the text layer counts it and never shows it.
         "include_stop_str_in_output": True,
-        "seed": sp.seed if sp.seed is not None else seed,
+        "seed": uint64_seed(sp.seed) if sp.seed is not None else seed,
     }
     stop_ids = list(sp.stop_token_ids)
     if not sp.ignore_eos:
@@ -130,6 +159,7 @@ def llm_runtime_kwargs(engine_dir: Path, manifest: EngineManifest) -> dict[str, 
     profile = manifest.profile
     return {
         "model": str(engine_dir),
+        "tensor_parallel_size": profile.tp_size,
         "max_batch_size": profile.max_batch_size,
         "max_num_tokens": profile.max_num_tokens,
         "enable_chunked_prefill": False,
@@ -137,6 +167,8 @@ def llm_runtime_kwargs(engine_dir: Path, manifest: EngineManifest) -> dict[str, 
             "free_gpu_memory_fraction": profile.kv_cache_free_gpu_memory_fraction,
             "enable_block_reuse": True,
         },
+        # CapacitySchedulerPolicy member name; see GpuProfile.scheduler_policy for the trade-off.
+        "scheduler_config": {"capacity_scheduler_policy": profile.scheduler_policy.upper()},
     }
 
 
@@ -218,6 +250,9 @@ class LlmRunner(Protocol):
     def shutdown(self) -> None:
         """Stop the executor and free the GPU (blocking)."""
 
+    def check_health(self) -> str | None:
+        """None while the executor is alive, else why it is not (cheap; called on the event loop)."""
+
 
 RunnerFactory = Callable[[Path, EngineManifest], LlmRunner]
 
@@ -232,13 +267,15 @@ class _TrtllmRunner:
             raise EngineIncompatible(TRTLLM_MISSING_MESSAGE) from exc
         check_trtllm_version(str(tensorrt_llm.__version__))
         from tensorrt_llm._tensorrt_engine import LLM
-        from tensorrt_llm.llmapi import KvCacheConfig
+        from tensorrt_llm.llmapi import CapacitySchedulerPolicy, KvCacheConfig, SchedulerConfig
         from tensorrt_llm.llmapi import SamplingParams as TrtllmSamplingParams
 
         self._sampling_params = TrtllmSamplingParams
         kwargs = llm_runtime_kwargs(engine_dir, manifest)
         kv_cache_config = KvCacheConfig(**kwargs.pop("kv_cache_config"))
-        self._llm = LLM(kv_cache_config=kv_cache_config, **kwargs)
+        policy = kwargs.pop("scheduler_config")["capacity_scheduler_policy"]
+        scheduler_config = SchedulerConfig(capacity_scheduler_policy=CapacitySchedulerPolicy[policy])
+        self._llm = LLM(kv_cache_config=kv_cache_config, scheduler_config=scheduler_config, **kwargs)
 
     def generate(self, prompt_token_ids: list[int], sampling: dict[str, Any]) -> _RequestOutput:
         params = self._sampling_params(**sampling)
@@ -252,21 +289,77 @@ class _TrtllmRunner:
     def shutdown(self) -> None:
         self._llm.shutdown()
 
+    def check_health(self) -> str | None:
+        return executor_health(self._llm)
+
+
+def executor_health(llm: object) -> str | None:
+    """Why tensorrt_llm's LLM can no longer serve, or None; reads its private state defensively.
+
+    In 1.2 a dead MPI worker only puts its exception into the proxy's `_error_queue` (executor/proxy.py
+    `mpi_done_callback`), which is drained on the next submit; `is_shutdown()` stays False until then, so the
+    worker futures and the queue are checked directly.
+    """
+    check = getattr(llm, "_check_health", None)
+    if callable(check) and not check():
+        return "the TensorRT-LLM executor reports itself unhealthy"
+    executor = getattr(llm, "_executor", None)
+    if executor is None:
+        return "the TensorRT-LLM executor is gone (shut down)"
+    is_shutdown = getattr(executor, "is_shutdown", None)
+    if callable(is_shutdown) and is_shutdown():
+        return "the TensorRT-LLM executor has shut down"
+    for future in getattr(executor, "mpi_futures", None) or ():
+        if future.done():
+            error = future.exception() if not future.cancelled() else None
+            return f"a TensorRT-LLM executor worker process exited{f': {error}' if error else ''}"
+    errors = getattr(executor, "_error_queue", None)
+    if errors is not None and not errors.empty():
+        return "the TensorRT-LLM executor reported a background error"
+    return None
+
 
 # ---- checks before loading ----
 
 
-def _engine_device(devices: Sequence[DeviceInfo]) -> DeviceInfo:
-    """The GPU this process will use.
+def visible_gpus(devices: Sequence[DeviceInfo], cuda_visible_devices: str | None) -> list[DeviceInfo]:
+    """The GPUs CUDA will give this process, in CUDA's order (rank r of a TP engine uses the r-th).
 
-    NVML lists every GPU regardless of CUDA_VISIBLE_DEVICES. On the usual host all GPUs are one type and any
-    will do; on a mixed host, CUDA's own variable says which one CUDA will give us.
+    NVML lists every GPU regardless of CUDA_VISIBLE_DEVICES. Its entries are UUIDs ('GPU-...') or indices; an
+    index is NVML's (PCI order) because `aisandbox serve` sets CUDA_DEVICE_ORDER=PCI_BUS_ID. Unknown entries are
+    skipped, as CUDA skips them.
     """
-    if len({d.compute_capability for d in devices}) == 1:
-        return devices[0]
-    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-    by_index = {d.index: d for d in devices}
-    return by_index.get(int(first), devices[0]) if first.isdigit() else devices[0]
+    if cuda_visible_devices is None or not cuda_visible_devices.strip():
+        return list(devices)
+    by_index = {str(d.index): d for d in devices}
+    by_uuid = {d.uuid: d for d in devices if d.uuid}
+    visible = []
+    for entry in (e.strip() for e in cuda_visible_devices.split(",")):
+        device = by_uuid.get(entry) or by_index.get(entry)
+        if device is None:
+            break  # CUDA stops at the first invalid entry
+        visible.append(device)
+    return visible
+
+
+def _engine_device(devices: Sequence[DeviceInfo], tp_size: int = 1) -> DeviceInfo:
+    """Rank 0's GPU; raise EngineIncompatible if fewer than `tp_size` GPUs of one type are visible."""
+    visible = visible_gpus(devices, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if len(visible) < tp_size:
+        raise EngineIncompatible(
+            f"the engine is tensor parallel over {tp_size} GPUs, but this process sees {len(visible)} "
+            f"({', '.join(d.name for d in visible) or 'none'}); give it {tp_size} GPUs and one gunicorn worker "
+            "(--workers 1)"
+        )
+    if not visible:
+        raise IndexError("CUDA_VISIBLE_DEVICES names no GPU that NVML lists")
+    ranks = visible[:tp_size]
+    if len({d.compute_capability for d in ranks}) > 1:
+        raise EngineIncompatible(
+            "the GPUs this process sees for the engine's ranks are of different types: "
+            + ", ".join(f"{d.index} {d.name}" for d in ranks)
+        )
+    return ranks[0]
 
 
 def check_engine_dir(
@@ -290,14 +383,15 @@ def check_engine_dir(
     Raises:
         aisandbox.artifacts.EngineDirError: No engine or no manifest in `engine_dir`.
         aisandbox.artifacts.EngineIncompatible: tensorrt_llm missing or not 1.2.x; the GPU architecture, TensorRT
-            or tensorrt_llm version differ from the build's (the message says what to rebuild).
+            or tensorrt_llm version differ from the build's (the message says what to rebuild); fewer GPUs are
+            visible than the engine's tensor-parallel ranks.
     """
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
     found = versions()
     gpu: DeviceInfo | None = None
     try:
-        gpu = _engine_device(list(devices()))
+        gpu = _engine_device(list(devices()), manifest.tp_size)
     except (GpuNotFound, IndexError) as exc:
         if require_gpu:
             raise EngineIncompatible(
@@ -320,12 +414,21 @@ class TrtllmEngineConfig:
     tokenizer_mode: TokenizerMode = "auto"
     stats_timeout_s: float = 1.0
     """How long a stats read waits for the next iteration before it ends."""
+    health_interval_s: float = 5.0
+    """How often the watch task asks the runner whether the executor is alive."""
+    stall_timeout_s: float = 120.0
+    """Requests running with neither a token nor an executor iteration for this long: the executor is hung. One
+    iteration (even a max_num_tokens prefill) takes seconds at most."""
+    shutdown_timeout_s: float = 60.0
+    """How long shutdown() waits for tensorrt_llm's LLM.shutdown(); a hung MPI worker can block it forever."""
 
 
 @dataclass(slots=True)
 class _Active:
     output: _RequestOutput
     task: asyncio.Task[None]
+    submitted_at: float = 0.0
+    """time.monotonic() at submit, to tell requests the latest iteration stats know of from newer ones."""
 
 
 class TrtllmBackend:
@@ -333,6 +436,8 @@ class TrtllmBackend:
 
     The executor batches itself; this class submits each admitted request with `generate_async`, and one task
     per request forwards its steps' new token ids to the admission layer, which detokenizes them off the loop.
+    Its own state (loading, ready, draining, dead) only drives the watch and shutdown; the admission layer
+    owns what clients see.
     """
 
     def __init__(
@@ -348,17 +453,30 @@ class TrtllmBackend:
         self._devices = devices
         self._versions = versions
         self._host: BackendHost | None = None
+        self._loop_thread = 0
+        self._state = EngineState.LOADING
+        self._reason: str | None = f"loading the TensorRT-LLM engine from {config.engine_dir}"
         self._settled = threading.Event()
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0
         self._thread: threading.Thread | None = None
         self._runner: LlmRunner | None = None
+        self._manifest: EngineManifest | None = None
+        self._tokenizer: Tokenizer | None = None
         self._info: ModelInfo | None = None
         self._active: dict[str, _Active] = {}
         self._snapshot = IterationSnapshot()
+        self._snapshot_at = 0.0
         self._work: asyncio.Event | None = None
         self._stats_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._last_progress = time.monotonic()
+        # The load thread hands its result over under this lock, so a shutdown that starts at any moment
+        # either receives the runner or makes the load thread stop it (no executor is leaked).
+        self._handoff = threading.Lock()
+        self._pending: tuple[EngineManifest, Tokenizer, LlmRunner] | None = None
+
+    # ---- lifecycle ----
 
     @classmethod
     def from_settings(cls, settings: ServerSettings) -> TrtllmBackend:
@@ -366,8 +484,6 @@ class TrtllmBackend:
         if settings.engine_dir is None:
             raise ValueError("the trtllm backend needs settings.engine_dir (aisandbox serve --engine DIR)")
         return cls(TrtllmEngineConfig(engine_dir=settings.engine_dir, tokenizer_mode=settings.tokenizer_mode))
-
-    # ---- lifecycle ----
 
     def start(self, host: BackendHost) -> None:
         self._host = host
@@ -379,7 +495,7 @@ class TrtllmBackend:
 
     def _load(self) -> None:
         """Background thread: check, load the tokenizer, start the executor; report to the loop."""
-        assert self._host is not None  # set by start() before the thread exists
+        assert self._loop is not None  # set by start() before the thread exists
         try:
             manifest = check_engine_dir(
                 self.config.engine_dir, devices=self._devices, versions=self._versions, require_gpu=True
@@ -388,11 +504,23 @@ class TrtllmBackend:
             runner = self._runner_factory(self.config.engine_dir, manifest)
         except Exception as exc:
             log.exception("the trtllm engine failed to load")
+            if not self._post(self._on_failed, f"the TensorRT-LLM engine failed to load: {exc}"):
+                self._settled.set()
+            return
+        with self._handoff:
+            closing = self._closing
+            if not closing:
+                self._pending = (manifest, tokenizer, runner)
+        if closing or not self._post(self._on_loaded):
+            self._take_pending()
+            log.info("shutdown began while the engine loaded; stopping the executor")
+            runner.shutdown()  # nothing will use it
             self._settled.set()
-            self._host.failed(f"the TensorRT-LLM engine failed to load: {exc}")
-        else:
-            if not self._post(self._on_loaded, manifest, tokenizer, runner):
-                runner.shutdown()  # nothing can use it any more
+
+    def _take_pending(self) -> tuple[EngineManifest, Tokenizer, LlmRunner] | None:
+        with self._handoff:
+            pending, self._pending = self._pending, None
+        return pending
 
     def _post(self, callback: Callable[..., None], *args: Any) -> bool:
         """Run `callback(*args)` on the event loop; False if the loop is already closed."""
@@ -400,80 +528,142 @@ class TrtllmBackend:
         try:
             self._loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:
-            self._settled.set()
             return False
         return True
 
-    def _on_loaded(self, manifest: EngineManifest, tokenizer: Tokenizer, runner: LlmRunner) -> None:
-        self._runner = runner  # if shutdown() is already waiting for the load, it stops this executor
-        self._settled.set()
-        if self._closing:
+    def _on_loaded(self) -> None:
+        pending = self._take_pending()
+        if pending is None or self._closing:  # shutdown() took (or will take) the runner and stops it
+            if pending is not None:
+                with self._handoff:
+                    self._pending = pending
+            self._settled.set()
             return
-        assert self._host is not None
-        profile = manifest.profile
+        manifest, tokenizer, runner = pending
+        self._manifest, self._tokenizer, self._runner = manifest, tokenizer, runner
         self._info = ModelInfo(
-            max_model_len=profile.max_seq_len,
+            max_model_len=manifest.profile.max_seq_len,
             eos_token_ids=tokenizer.eos_token_ids,
             vocab_size=manifest.model.vocab_size,
-            max_running=profile.max_batch_size,
-            max_prompt_len=min(profile.max_input_len, profile.max_seq_len - 1),
+            max_running=manifest.profile.max_batch_size,
+            max_prompt_len=min(manifest.profile.max_input_len, manifest.profile.max_seq_len - 1),
+            default_max_tokens=manifest.profile.default_max_tokens,
         )
-        self._stats_task = asyncio.get_running_loop().create_task(self._stats_loop(), name="aisandbox-trtllm-stats")
+        self._state, self._reason = EngineState.READY, None
+        loop = asyncio.get_running_loop()
+        self._stats_task = loop.create_task(self._stats_loop(), name="aisandbox-trtllm-stats")
+        self._watch_task = loop.create_task(self._watch_loop(), name="aisandbox-trtllm-watch")
         log.info(
             "trtllm engine ready: %s, profile %s (%s weights, %s KV), max_batch_size %d, max_seq_len %d",
             self.config.engine_dir,
-            profile.name,
-            profile.weights,
-            profile.kv_cache,
-            profile.max_batch_size,
-            profile.max_seq_len,
+            manifest.profile.name,
+            manifest.profile.weights,
+            manifest.profile.kv_cache,
+            manifest.profile.max_batch_size,
+            manifest.profile.max_seq_len,
         )
+        self._settled.set()
+        assert self._host is not None
         self._host.loaded(self._info, tokenizer)
 
+    def _on_failed(self, reason: str) -> None:
+        self._state, self._reason = EngineState.DEAD, reason
+        self._settled.set()
+        assert self._host is not None
+        self._host.failed(reason)
+
     async def shutdown(self) -> None:
-        self._closing = True
+        with self._handoff:
+            self._closing = True
+        if self._state in (EngineState.READY, EngineState.LOADING):
+            self._state, self._reason = EngineState.DRAINING, "shutting down"
         for active in list(self._active.values()):
             self._abort_output(active.output)
             active.task.cancel()
         tasks = [a.task for a in self._active.values()]
-        if self._stats_task is not None:
-            self._stats_task.cancel()
-            tasks.append(self._stats_task)
+        for task in (self._stats_task, self._watch_task):
+            if task is not None:
+                task.cancel()
+                tasks.append(task)
         await asyncio.gather(*tasks, return_exceptions=True)
         loop = asyncio.get_running_loop()
-        if self._thread is not None and self._thread.is_alive():
-            # LLM() cannot be interrupted; wait for it so its executor is stopped below, not leaked.
-            await loop.run_in_executor(None, self._settled.wait, None)
-        await asyncio.sleep(0)  # let a posted _on_loaded hand over its runner
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await loop.run_in_executor(None, runner.shutdown)
+        if self._thread is not None:
+            # LLM() cannot be interrupted; wait for the load thread so its executor is stopped, not leaked. From
+            # here on it either handed the runner over (pending, or already on self._runner) or stops it itself.
+            await loop.run_in_executor(None, self._thread.join)
+        runners = [self._runner] if self._runner is not None else []
+        pending = self._take_pending()
+        if pending is not None:
+            runners.append(pending[2])
+        self._runner = None
+        for runner in runners:
+            await self._stop_runner(runner)
+        self._state, self._reason = EngineState.DEAD, "shut down"
+
+    async def _stop_runner(self, runner: LlmRunner) -> None:
+        """Run runner.shutdown() in a daemon thread; give up after shutdown_timeout_s (the process is exiting)."""
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def stop() -> None:
+            try:
+                runner.shutdown()
+            except Exception:
+                log.exception("stopping the TensorRT-LLM executor failed")
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop may be gone by now
+                    loop.call_soon_threadsafe(done.set)
+
+        threading.Thread(target=stop, name="aisandbox-trtllm-stop", daemon=True).start()
+        try:
+            await asyncio.wait_for(done.wait(), self.config.shutdown_timeout_s)
+        except TimeoutError:
+            log.error(
+                "the TensorRT-LLM executor did not stop within %.0f s; leaving it", self.config.shutdown_timeout_s
+            )
 
     # ---- state ----
 
     def stats(self) -> EngineStats:
+        """Running / waiting from the latest iteration stats, corrected for requests newer than them.
+
+        The executor reports at the end of each iteration (executor/worker.py fetches
+        `get_latest_iteration_stats()` between iterations), so during a long prefill the snapshot is as old as
+        that iteration. Requests it knows of are split by its numActiveRequests; requests submitted since are
+        counted as running while the engine has batch slots for them, not as waiting (else a burst after idle
+        shows as all-waiting until the first prefill ends, and the autoscaler reacts to a queue that is not there).
+        """
+        in_flight = len(self._active)
         snap = self._snapshot
+        newer = sum(1 for a in self._active.values() if a.submitted_at > self._snapshot_at)
+        known = in_flight - newer
+        slots = self._manifest.profile.max_batch_size if self._manifest is not None else in_flight
+        running = min(min(snap.active, known) + newer, slots, in_flight)
+        age = time.monotonic() - self._snapshot_at if self._snapshot_at else 0.0
         return EngineStats(
-            running=min(snap.active, len(self._active)),
-            waiting=0,
+            running=running,
+            waiting=in_flight - running,
             kv_cache_usage=snap.kv_cache_usage,
-            extra={"executor_queued": float(snap.queued)},
+            extra={"executor_queued": float(snap.queued), "executor_stats_age_s": round(age, 3)},
         )
 
     # ---- requests ----
 
     def add(self, request: GenerationRequest) -> None:
-        assert self._runner is not None and self._info is not None and self._host is not None  # READY implies it
+        assert self._runner is not None and self._info is not None  # admitted implies READY
         kwargs = sampling_kwargs(request.sampling, self._info.eos_token_ids, secrets.randbits(63))
         try:
             output = self._runner.generate(list(request.prompt_token_ids), kwargs)
         except ValueError as exc:  # tensorrt_llm's own argument checks
             raise InvalidRequest(str(exc)) from exc
         except RuntimeError as exc:  # the LLM is shut down or its executor failed (it shuts itself down)
-            self._host.failed(f"the TensorRT-LLM executor failed: {exc}")
+            self._executor_dead(f"the TensorRT-LLM executor failed: {exc}")
             raise EngineDead(f"The engine has failed: {exc}") from exc
         task = asyncio.get_running_loop().create_task(self._pump(request.request_id, output))
-        self._active[request.request_id] = _Active(output, task)
+        now = time.monotonic()
+        if not self._active:
+            self._last_progress = now  # the stall clock runs only while requests do
+        self._active[request.request_id] = _Active(output, task, now)
         if self._work is not None:
             self._work.set()
 
@@ -504,6 +694,7 @@ class TrtllmBackend:
         delta: TokenDelta | None = None
         try:
             async for step in output:
+                self._last_progress = time.monotonic()
                 completion = step.outputs[0]
                 ids = tuple(completion.token_ids_diff)
                 if completion.finish_reason is None:
@@ -516,6 +707,8 @@ class TrtllmBackend:
             if delta is None:
                 delta = TokenDelta((), FinishReason.ABORT, error="the engine ended the request without a finish reason")
         except asyncio.CancelledError:
+            reason = self._reason if self._state is EngineState.DEAD else None
+            emit(((request_id, TokenDelta((), FinishReason.ABORT, error=reason or "the engine is shutting down")),))
             raise
         except Exception as exc:  # a per-request error from the executor
             log.warning("request %s failed in the engine: %s", request_id, exc)
@@ -536,7 +729,42 @@ class TrtllmBackend:
             try:
                 async for stat in runner.iteration_stats(timeout):
                     self._snapshot = parse_iteration_stats(stat)
+                    self._snapshot_at = self._last_progress = time.monotonic()
             except Exception:
                 log.debug("iteration stats unavailable", exc_info=True)
             # The stats stream ends after `timeout` without an iteration; wait as long before reading again.
             await asyncio.sleep(timeout)
+
+    async def _watch_loop(self) -> None:
+        """Notice a dead or hung executor: ask the runner periodically, and time out stalled streams."""
+        assert self._runner is not None
+        runner, config = self._runner, self.config
+        while self._state is EngineState.READY:
+            await asyncio.sleep(min(config.health_interval_s, config.stall_timeout_s))
+            try:
+                problem = runner.check_health()
+            except Exception as exc:  # a broken executor may fail the question itself
+                problem = f"the TensorRT-LLM executor health check failed: {exc}"
+            stalled = time.monotonic() - self._last_progress
+            if problem is None and self._active and stalled > config.stall_timeout_s:
+                problem = (
+                    f"the TensorRT-LLM executor made no progress for {stalled:.0f} s with {len(self._active)} "
+                    "requests running (hung or dead worker)"
+                )
+            if problem is not None and self._state is EngineState.READY:
+                log.error("trtllm engine dead: %s", problem)
+                self._executor_dead(problem)
+
+    def _executor_dead(self, reason: str) -> None:
+        """Mark the engine DEAD with `reason` and end every live request with an error delta.
+
+        The runner is not shut down here: a hung MPI worker can make that block forever. The process stays up
+        with /health answering dead, so the orchestrator restarts it (docs/deploy.md, liveness probe).
+        """
+        self._state, self._reason = EngineState.DEAD, reason
+        self._settled.set()
+        if self._host is not None:
+            self._host.failed(reason)  # every live request ends at once, /health says dead
+        for active in list(self._active.values()):
+            self._abort_output(active.output)
+            active.task.cancel()  # _pump puts TokenDelta((), ABORT, error=reason) and unregisters it

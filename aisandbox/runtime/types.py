@@ -142,3 +142,6 @@ class ModelInfo:
     """Sequences the backend decodes at once; requests beyond it (plus the queue bound) get 429."""
     max_prompt_len: int | None = None
     """Longest prompt the backend accepts, when shorter than max_model_len - 1 (a TensorRT engine's max_input_len)."""
+    default_max_tokens: int | None = None
+    """max_tokens for a request that omits it, capped at the rest of the context (None: the rest of the context).
+    The trtllm backend sets it from the engine profile: its scheduler reserves KV for prompt + max_tokens."""

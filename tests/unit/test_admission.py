@@ -225,3 +225,16 @@ async def test_a_failed_choice_fails_the_request_and_aborts_its_siblings() -> No
             pass
     assert "x1" in backend.aborted
     await engine.shutdown()
+
+
+async def test_a_backend_default_max_tokens_caps_only_an_omitted_max_tokens() -> None:
+    backend = ScriptedBackend(hold=True)
+    engine = await ready(backend)
+    assert engine._info is not None
+    from dataclasses import replace
+
+    engine._info = replace(engine._info, default_max_tokens=16)
+    assert engine.check_context(10, None, "messages") == 16
+    assert engine.check_context(10, 40, "messages") == 40
+    assert engine.check_context(60, None, "messages") == 4
+    await engine.shutdown()

@@ -175,5 +175,6 @@ def test_the_engine_hash_covers_exactly_what_changes_the_plan() -> None:
         {"kv_cache": "bf16"},
         {"max_seq_len": 16384},
         {"checkpoint_fingerprint": "0"},
+        {"tp_size": 2},  # one rank{N}.engine per rank: another artifact
     ):
         assert engine_hash(identity(**change)) != h, change

@@ -62,7 +62,7 @@ def make_engine_dir(path: Path, max_batch_size: int = 2, max_seq_len: int = 64) 
     with importlib.resources.as_file(tok) as src:
         shutil.copy(src, path / "tokenizer.model.v3")
     model = ModelSummary("MistralForCausalLM", "bfloat16", 32768, 64, 128, 2, 4, 2, 16, 2048, 4_000_000, "ab" * 32)
-    profile = EngineProfile("h100-sxm", "fp8", "fp8", max_batch_size, 256, 32, max_seq_len, 0.9)
+    profile = EngineProfile("h100-sxm", "fp8", "fp8", max_batch_size, 256, 32, max_seq_len, 0.9, default_max_tokens=16)
     write_manifest(
         path, EngineManifest("cd" * 32, "2026-05-01T00:00:00+00:00", "0.1.0", model, profile, H100, VERSIONS)
     )
@@ -112,6 +112,7 @@ class FakeRunner:
         self.stats: list[dict[str, Any]] = []
         self.shut_down = False
         self.fail_with: Exception | None = None
+        self.health: str | None = None
 
     def generate(self, prompt_token_ids: list[int], sampling: dict[str, Any]) -> FakeOutput:
         if self.fail_with is not None:
@@ -133,11 +134,14 @@ class FakeRunner:
     def shutdown(self) -> None:
         self.shut_down = True
 
+    def check_health(self) -> str | None:
+        return self.health
+
 
 class Tapped(Admission):
     """The admission layer over the trtllm backend, also recording the raw token deltas it emits."""
 
-    def __init__(self, backend: TrtllmBackend, limits: AdmissionLimits) -> None:
+    def __init__(self, backend: TrtllmBackend, limits: AdmissionLimits | None = None) -> None:
         super().__init__(backend, limits)
         self.raw: dict[str, list[TokenDelta]] = {}
 
@@ -146,15 +150,33 @@ class Tapped(Admission):
             self.raw.setdefault(rid, []).append(delta)
         super().emit(deltas)
 
+    @property
+    def trtllm(self) -> TrtllmBackend:
+        assert isinstance(self.backend, TrtllmBackend)
+        return self.backend
 
-def make_engine(
-    tmp_path: Path, runner: FakeRunner, *, versions: LibraryVersions = VERSIONS, max_queue: int = 1
-) -> Tapped:
-    backend = TrtllmBackend(
-        TrtllmEngineConfig(make_engine_dir(tmp_path / "engine"), stats_timeout_s=0.01),
-        runner_factory=lambda engine_dir, manifest: runner,
+
+def make_backend(tmp_path: Path, runner: FakeRunner, **config: Any) -> TrtllmBackend:
+    versions = config.pop("versions", VERSIONS)
+    return TrtllmBackend(
+        TrtllmEngineConfig(make_engine_dir(tmp_path / "engine"), **{"stats_timeout_s": 0.01, **config}),
+        runner_factory=runner if callable(runner) and not isinstance(runner, FakeRunner) else lambda d, m: runner,
         devices=lambda: [H100],
         versions=lambda: versions,
+    )
+
+
+def make_engine(
+    tmp_path: Path,
+    runner: FakeRunner,
+    *,
+    versions: LibraryVersions = VERSIONS,
+    max_queue: int = 1,
+    health_interval_s: float = 5.0,
+    stall_timeout_s: float = 120.0,
+) -> Tapped:
+    backend = make_backend(
+        tmp_path, runner, versions=versions, health_interval_s=health_interval_s, stall_timeout_s=stall_timeout_s
     )
     return Tapped(backend, AdmissionLimits(max_queue=max_queue))
 
@@ -164,10 +186,18 @@ def request(rid: str = "r1", prompt: tuple[int, ...] = (1, 5, 6), **sampling: An
 
 
 async def collect(engine: Tapped, stream: Any, rid: str = "r1") -> list[TokenDelta]:
-    """Drain the text stream; return the raw token deltas the backend emitted for `rid`."""
+    """Drain the text stream (raising what it raises); return the raw token deltas emitted for `rid`."""
     async for _ in stream:
         pass
     return engine.raw[rid]
+
+
+async def first_raw(engine: Tapped, rid: str) -> TokenDelta:
+    for _ in range(2000):
+        if engine.raw.get(rid):
+            return engine.raw[rid][0]
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"no delta for {rid}")
 
 
 def test_loads_in_the_background_then_streams_token_ids(tmp_path: Path) -> None:
@@ -182,6 +212,7 @@ def test_loads_in_the_background_then_streams_token_ids(tmp_path: Path) -> None:
         assert (await engine.wait_ready(10)).ready
         assert engine.model_info.max_model_len == 64
         assert engine.model_info.eos_token_ids == (EOS,)
+        assert engine.model_info.default_max_tokens == 16  # from the engine profile, for the HTTP layer
         deltas = await collect(engine, engine.submit(request(temperature=0.0)))
         # (the collector may merge deltas a slow reader has not taken yet)
         assert sum((d.token_ids for d in deltas), ()) == (10, 11, 12, EOS)
@@ -206,11 +237,7 @@ def test_aclose_aborts_the_engine_request(tmp_path: Path) -> None:
         await engine.start()
         await engine.wait_ready(10)
         stream = engine.submit(request())
-        for _ in range(1000):
-            if "r1" in engine.raw:
-                break
-            await asyncio.sleep(0.001)
-        assert engine.raw["r1"] == [TokenDelta((10,))]
+        assert await first_raw(engine, "r1") == TokenDelta((10,))
         assert engine.stats().running + engine.stats().waiting == 1
         await stream.aclose()  # e.g. a stop string matched, or the client went away
         assert runner.outputs[0].aborted
@@ -236,7 +263,6 @@ def test_limits_and_overload(tmp_path: Path) -> None:
         with pytest.raises(InvalidRequest, match="empty"):
             engine.submit(request(prompt=()))
         streams = [engine.submit(request(f"r{i}")) for i in range(3)]  # 2 running (max_batch_size) + 1 waiting
-        assert [call[0] for call in runner.calls] == [[1, 5, 6]] * 3
         with pytest.raises(InvalidRequest, match="Duplicate"):
             engine.submit(request("r0"))
         with pytest.raises(Overloaded):
@@ -274,6 +300,7 @@ def test_a_failed_executor_kills_the_engine(tmp_path: Path) -> None:
         runner.fail_with = RuntimeError("LLM is shutting down")
         with pytest.raises(EngineDead):
             engine.submit(request())
+        await asyncio.sleep(0)
         assert engine.health().state is EngineState.DEAD
         with pytest.raises(EngineDead):
             engine.submit(request())
@@ -374,8 +401,9 @@ def test_the_trtllm_engine_is_built_from_settings_like_every_backend(tmp_path: P
 
 def test_without_tensorrt_llm_the_real_engine_dies_with_the_reason(tmp_path: Path) -> None:
     async def main() -> None:
-        backend = TrtllmBackend(TrtllmEngineConfig(make_engine_dir(tmp_path / "engine")), devices=lambda: [H100])
-        engine = Admission(backend)
+        engine = Admission(
+            TrtllmBackend(TrtllmEngineConfig(make_engine_dir(tmp_path / "engine")), devices=lambda: [H100])
+        )
         await engine.start()
         health = await engine.wait_ready(30)
         assert health.state is EngineState.DEAD
@@ -383,3 +411,230 @@ def test_without_tensorrt_llm_the_real_engine_dies_with_the_reason(tmp_path: Pat
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+# ---- issue 8: a dead or hung executor, the load/shutdown race, seeds, stats during a long prefill ----
+
+
+def test_a_dead_executor_is_noticed_and_ends_every_live_request(tmp_path: Path) -> None:
+    """The MPI worker died: 1.2's LLM only notices on the next submit. The watch task must notice by itself."""
+    runner = FakeRunner([Step([10])])  # each request streams one token, then waits forever
+
+    async def main() -> None:
+        engine = make_engine(tmp_path, runner, max_queue=4, health_interval_s=0.02)
+        await engine.start()
+        await engine.wait_ready(10)
+        streams = [engine.submit(request(f"r{i}")) for i in range(3)]
+        firsts = [await first_raw(engine, f"r{i}") for i in range(3)]
+        assert all(d == TokenDelta((10,)) for d in firsts)
+        runner.health = "a TensorRT-LLM executor worker process exited: MPI worker died"
+
+        async def ends(stream: Any) -> BaseException | None:
+            try:
+                async for _ in stream:
+                    pass
+            except Exception as exc:
+                return exc
+            return None
+
+        errors = await asyncio.wait_for(asyncio.gather(*(ends(s) for s in streams)), 5)
+        assert all(isinstance(e, EngineDead) and "worker process exited" in e.message for e in errors), errors
+        health = engine.health()
+        assert health.state is EngineState.DEAD and "worker process exited" in (health.reason or "")
+        assert engine.stats().running == 0 and engine.stats().waiting == 0
+        with pytest.raises(EngineDead, match="worker process exited"):
+            engine.submit(request("r9"))
+        assert all(o.aborted for o in runner.outputs)
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_stalled_executor_is_declared_dead(tmp_path: Path) -> None:
+    """A hung worker: no token and no iteration for stall_timeout_s while a request runs."""
+    runner = FakeRunner()  # requests never produce a step, the health check says nothing
+
+    async def main() -> None:
+        engine = make_engine(tmp_path, runner, health_interval_s=0.02, stall_timeout_s=0.2)
+        await engine.start()
+        await engine.wait_ready(10)
+        await asyncio.sleep(0.4)  # idle: no requests, so no stall
+        assert engine.health().ready
+        with pytest.raises(EngineDead, match="no progress"):
+            await asyncio.wait_for(collect(engine, engine.submit(request())), 5)
+        assert engine.health().state is EngineState.DEAD
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+class _Future:
+    def __init__(self, error: BaseException | None, done: bool = True) -> None:
+        self._error, self._done = error, done
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return False
+
+    def exception(self) -> BaseException | None:
+        return self._error
+
+
+class _Executor:
+    def __init__(self) -> None:
+        import queue
+
+        self.mpi_futures: list[_Future] = [_Future(None, done=False)]
+        self._error_queue: queue.Queue[BaseException] = queue.Queue()
+        self.shut = False
+
+    def is_shutdown(self) -> bool:
+        return self.shut
+
+
+def test_executor_health_reads_the_1_2_proxy_state() -> None:
+    from aisandbox.runtime.trtllm_backend import executor_health
+
+    class Llm:
+        def __init__(self) -> None:
+            self._executor: _Executor | None = _Executor()
+
+    llm = Llm()
+    assert executor_health(llm) is None
+    assert llm._executor is not None
+    llm._executor._error_queue.put(RuntimeError("boom"))
+    assert "background error" in (executor_health(llm) or "")
+    llm._executor = _Executor()
+    llm._executor.mpi_futures = [_Future(RuntimeError("rank 0: CUDA error"))]
+    assert "worker process exited: rank 0: CUDA error" in (executor_health(llm) or "")
+    llm._executor = _Executor()
+    llm._executor.shut = True
+    assert "shut down" in (executor_health(llm) or "")
+    llm._executor = None
+    assert "gone" in (executor_health(llm) or "")
+
+    class LaterLlm(Llm):
+        def _check_health(self) -> bool:
+            return False
+
+    assert "unhealthy" in (executor_health(LaterLlm()) or "")
+
+
+def test_loading_that_finishes_as_shutdown_starts_does_not_leak_the_executor(tmp_path: Path) -> None:
+    """The load thread has posted _on_loaded, but shutdown() runs before that callback does."""
+    runner = FakeRunner()
+
+    async def main() -> None:
+        engine = make_engine(tmp_path, runner)
+        await engine.start()
+        assert engine.trtllm._thread is not None
+        engine.trtllm._thread.join(10)  # blocks the loop: the posted _on_loaded cannot run before shutdown() starts
+        await engine.shutdown()
+        assert runner.shut_down
+        await asyncio.sleep(0.01)  # the late callback finds nothing to install
+        assert engine.health().state is EngineState.DEAD
+
+    asyncio.run(main())
+
+
+def test_shutdown_while_loading_stops_the_executor_when_it_arrives(tmp_path: Path) -> None:
+    import threading
+
+    runner = FakeRunner()
+    go = threading.Event()
+
+    def slow_factory(engine_dir: Path, manifest: EngineManifest) -> FakeRunner:
+        go.wait(10)
+        return runner
+
+    async def main() -> None:
+        engine = Admission(
+            TrtllmBackend(
+                TrtllmEngineConfig(make_engine_dir(tmp_path / "engine")),
+                runner_factory=slow_factory,
+                devices=lambda: [H100],
+                versions=lambda: VERSIONS,
+            )
+        )
+        await engine.start()
+        closing = asyncio.get_running_loop().create_task(engine.shutdown())
+        await asyncio.sleep(0.05)
+        assert not closing.done()
+        go.set()
+        await asyncio.wait_for(closing, 10)
+        assert runner.shut_down and engine.health().state is EngineState.DEAD
+
+    asyncio.run(main())
+
+
+def test_seeds_map_into_uint64(tmp_path: Path) -> None:
+    runner = FakeRunner([Step([], "length")])
+
+    async def main() -> None:
+        engine = make_engine(tmp_path, runner, max_queue=4)
+        await engine.start()
+        await engine.wait_ready(10)
+        for rid, seed in (("a", -1), ("b", 2**63 - 1), ("c", -(2**63)), ("d", 2**63)):
+            await collect(engine, engine.submit(request(rid, seed=seed)), rid)
+        seeds = [sampling["seed"] for _, sampling in runner.calls]
+        assert seeds == [2**64 - 1, 2**63 - 1, 2**63, 2**63]
+        assert all(0 <= s < 2**64 for s in seeds)
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_requests_newer_than_the_iteration_stats_count_as_running(tmp_path: Path) -> None:
+    """During a long prefill no iteration ends, so the stats predate the burst that started it."""
+    runner = FakeRunner()
+
+    async def main() -> None:
+        engine = make_engine(tmp_path, runner, max_queue=4)
+        await engine.start()
+        await engine.wait_ready(10)
+        streams = [engine.submit(request(f"r{i}")) for i in range(3)]  # max_batch_size 2
+        stats = engine.stats()
+        assert (stats.running, stats.waiting) == (2, 1)  # not (0, 3): no iteration has reported yet
+        runner.stats = [{"numActiveRequests": 1, "numQueuedRequests": 2, "kvCacheStats": {}}]
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+        stats = engine.stats()
+        assert (stats.running, stats.waiting) == (1, 2)
+        assert stats.extra["executor_stats_age_s"] >= 0.0
+        for stream in streams:
+            await stream.aclose()
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_shutdown_does_not_hang_on_a_hung_executor(tmp_path: Path) -> None:
+    import threading
+
+    release = threading.Event()
+
+    class HungRunner(FakeRunner):
+        def shutdown(self) -> None:
+            release.wait(30)  # an MPI worker that never answers
+            self.shut_down = True
+
+    runner = HungRunner()
+
+    async def main() -> None:
+        engine = Admission(
+            TrtllmBackend(
+                TrtllmEngineConfig(make_engine_dir(tmp_path / "engine"), shutdown_timeout_s=0.2),
+                runner_factory=lambda engine_dir, manifest: runner,
+                devices=lambda: [H100],
+                versions=lambda: VERSIONS,
+            )
+        )
+        await engine.start()
+        await engine.wait_ready(10)
+        await asyncio.wait_for(engine.shutdown(), 5)
+        assert engine.health().state is EngineState.DEAD
+
+    asyncio.run(main())
+    release.set()

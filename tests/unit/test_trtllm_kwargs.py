@@ -395,3 +395,64 @@ def test_ignore_eos_keeps_stop_tokens_and_extra_eos_become_stop_tokens() -> None
     assert normal["end_id"] == 2 and normal["stop_token_ids"] == [9, 7]
     with pytest.raises(ValueError, match="no EOS"):
         sampling_kwargs(SamplingParams(max_tokens=8), (), seed=1)
+
+
+SCHEDULER_CONFIG = {"capacity_scheduler_policy", "context_chunking_policy", "dynamic_batch_config"}
+CAPACITY_SCHEDULER_POLICY = {"MAX_UTILIZATION", "GUARANTEED_NO_EVICT", "STATIC_BATCH"}
+
+
+@pytest.mark.skipif(not API_JSON.is_file(), reason=f"{API_JSON} (the shared API record) is absent")
+def test_scheduler_names_match_the_shared_api_record() -> None:
+    classes = json.loads(API_JSON.read_text())["classes"]
+    assert set(classes["SchedulerConfig"]["fields"]) == SCHEDULER_CONFIG
+    assert set(classes["CapacitySchedulerPolicy"]["members"]) == CAPACITY_SCHEDULER_POLICY
+
+
+@pytest.mark.parametrize("name", list_profiles())
+def test_runtime_kwargs_carry_tp_and_the_scheduler_policy(name: str) -> None:
+    from aisandbox.artifacts import DeviceInfo, EngineManifest, LibraryVersions, ModelSummary
+
+    p = load_profile(name)
+    manifest = EngineManifest(
+        engine_hash="0",
+        created_at="",
+        aisandbox_version="",
+        gpu=DeviceInfo(0, "x", p.compute_capability, 1),
+        model=ModelSummary("MistralForCausalLM", "bfloat16", 1, 1, 1, 1, 1, 1, 1, 1, 1, "0"),
+        profile=p.to_engine_profile(),
+        versions=LibraryVersions("1.2.1", "10.13.3.9"),
+    )
+    kwargs = llm_runtime_kwargs(Path("/engines/e"), manifest)
+    assert kwargs["tensor_parallel_size"] == p.tp_size
+    assert set(kwargs["scheduler_config"]) <= SCHEDULER_CONFIG
+    assert kwargs["scheduler_config"]["capacity_scheduler_policy"] in CAPACITY_SCHEDULER_POLICY
+
+
+def test_build_kwargs_carry_tp() -> None:
+    import dataclasses
+
+    assert llm_build_kwargs(spec())["tensor_parallel_size"] == 1
+    assert llm_build_kwargs(dataclasses.replace(spec(), tp_size=2))["tensor_parallel_size"] == 2
+
+
+def test_seed_mapping_into_uint64() -> None:
+    from aisandbox.runtime.trtllm_backend import uint64_seed
+
+    assert [uint64_seed(s) for s in (0, 7, -1, -(2**63), 2**63 - 1)] == [0, 7, 2**64 - 1, 2**63, 2**63 - 1]
+    assert sampling_kwargs(SamplingParams(max_tokens=8, seed=-3), (2,), seed=1)["seed"] == 2**64 - 3
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1])
+def test_a_seed_outside_int64_is_a_400_naming_seed(seed: int) -> None:
+    from pydantic import ValidationError
+
+    from aisandbox.errors import InvalidRequest
+    from aisandbox.http.errors import from_validation_error
+    from aisandbox.http.schemas import ChatCompletionRequest
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": seed}
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate(body)
+    error = from_validation_error(info.value)
+    assert isinstance(error, InvalidRequest) and error.param == "seed"
+    assert ChatCompletionRequest.model_validate({**body, "seed": -1}).seed == -1  # negative int64: fine, mapped later

@@ -91,3 +91,15 @@ def test_nvidia_smi_output_is_parsed() -> None:
     assert devices[0].memory_bytes == 81559 * 2**20
     with pytest.raises(ValueError, match="unexpected nvidia-smi line"):
         parse_nvidia_smi("0, NVIDIA L4, 8.9\n")
+
+
+def test_auto_picks_single_gpu_profiles_unless_tp_is_asked() -> None:
+    profiles = load_profiles(DEFAULT_PROFILES_DIR)
+    assert match_profile(L4, profiles).name == "l4"
+    assert match_profile(L4, profiles, tp_size=2).name == "l4-tp2"
+    assert match_profile(L40S, profiles, tp_size=2).name == "l40s"  # no TP profile: the caller overrides tp_size
+
+
+def test_nvidia_smi_reports_uuid_and_memory_in_use() -> None:
+    (device,) = parse_nvidia_smi("1, NVIDIA L4, 8.9, 23034, 580.65.06, GPU-5b1e0c3a-aaaa, 20480\n")
+    assert (device.index, device.uuid, device.memory_used_bytes) == (1, "GPU-5b1e0c3a-aaaa", 20480 * 2**20)

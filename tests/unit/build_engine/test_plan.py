@@ -91,7 +91,7 @@ def test_bf16_on_a_20_gb_card_with_32k_context_does_not_fit_one_sequence_of_kv()
     )
     with pytest.raises(PlanError, match="less than one max_seq_len sequence"):
         plan_memory(mistral_7b(), profile, gpu_name="RTX 4000 Ada", gpu_memory_bytes=20475 * 2**20)
-    fp8_kv = profile.with_overrides({"kv_cache": "fp8"})  # the fix the message suggests
+    fp8_kv = profile.with_overrides({"weights": "fp8", "kv_cache": "fp8"})  # the fix the message suggests
     assert plan_memory(mistral_7b(), fp8_kv, gpu_name="RTX 4000 Ada", gpu_memory_bytes=20475 * 2**20).kv_tokens > 32768
 
 
