@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import socket
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,25 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_PATH = REPO.parent / "shared" / "openai-openapi" / "openapi.yaml"
+
+
+class SharedFileMissing(UserWarning):
+    """A file from ../shared is absent (a user's clone): the check that needs it did not run."""
+
+
+def shared_file(path: Path, what: str) -> Path | None:
+    """`path` (a file under ../shared) if it exists.
+
+    Otherwise the calling test goes on with its other assertions and says what it could not check (a warning in
+    pytest's summary); under CI=true a missing shared file fails the test instead.
+    """
+    if path.is_file():
+        return path
+    message = f"{path} is missing, so {what} was not checked"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; CI=true requires ../shared beside the checkout")
+    warnings.warn(SharedFileMissing(message), stacklevel=2)
+    return None
 
 
 def mistral_v3_tokenizer_file() -> Path:
@@ -74,9 +95,17 @@ def _nullable_to_anyof(node: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def openapi_validate() -> Callable[[Any, str], None]:
-    """validate(body, "CreateChatCompletionResponse") against OpenAI's spec; skips if the spec is absent."""
-    if not SPEC_PATH.is_file():
-        pytest.skip(f"OpenAI's spec is not at {SPEC_PATH}; response bodies cannot be validated")
+    """validate(body, "CreateChatCompletionResponse") against OpenAI's spec.
+
+    Without the spec (a clone without ../shared) the test still runs every other assertion and warns that the
+    bodies were not validated; under CI=true it fails.
+    """
+    if shared_file(SPEC_PATH, "response bodies against OpenAI's spec") is None:
+
+        def unchecked(body: Any, schema_name: str) -> None:
+            assert isinstance(body, dict), body  # the one thing we can still check
+
+        return unchecked
     import jsonschema
     import yaml
 

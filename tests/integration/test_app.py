@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -232,3 +233,57 @@ async def test_health_is_503_while_loading(tiny_mistral_dir: Path) -> None:
         assert first.status_code == 503 and first.json["status"] == "loading" and first.json["reason"]
         resp = await post(conductor, "/v1/chat/completions", json=chat())
         assert resp.status_code == 503 and resp.json["error"]["code"] == "engine_unavailable"
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(name + " ")):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_hostile_bodies_get_clear_client_errors_logged_as_such(
+    tiny_mistral_dir: Path, openapi_validate: Validate, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = ServerSettings(model=tiny_mistral_dir, served_model_name=MODEL, dtype="float32", max_body_bytes=4096)
+    async with ASGIConductor(create_app(settings, create_engine(settings))) as conductor:
+        cases = [
+            (json.dumps(chat(messages=[{"role": "user", "content": "x" * 5000}])).encode(), 413, "request_too_large"),
+            (b"[" * 2000 + b"]" * 2000, 400, "invalid_json"),  # past the parser's recursion limit
+            (b'{"a":' * 65 + b"1" + b"}" * 65, 400, "invalid_json"),  # past max_json_depth, parses fine
+            (b'{"model": "\xff\xfe"}', 400, "invalid_json"),  # not UTF-8
+            (b"{not json", 400, "invalid_json"),
+        ]
+        for body, status, code in cases:
+            resp = await post(conductor, "/v1/chat/completions", body=body, headers={"content-type": "application/json"})
+            assert resp.status_code == status, (body[:20], resp.text)
+            openapi_validate(resp.json, "ErrorResponse")
+            assert resp.json["error"]["code"] == code and resp.headers.get("x-request-id")
+        text = (await conductor.simulate_get("/metrics")).text
+        route = "/v1/chat/completions"
+        assert metric_value(text, "aisandbox_http_requests_total", route=route, status="413") == 1
+        assert metric_value(text, "aisandbox_http_requests_total", route=route, status="400") == 4
+        assert metric_value(text, "aisandbox_http_requests_total", route=route, status="500") == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+async def test_an_unexpected_error_is_one_500_logged_once_with_the_request_id(
+    client: ASGIConductor, openapi_validate: Validate, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = client.app
+    resource_engine = app.app._router.find("/v1/chat/completions")[0].engine  # type: ignore[attr-defined]
+
+    async def broken(messages: object) -> list[int]:
+        raise RuntimeError("template bug")
+
+    monkeypatch.setattr(resource_engine, "encode_chat", broken)
+    resp = await post(client, "/v1/chat/completions", json=chat(), headers={"X-Request-Id": "req-42"})
+    assert resp.status_code == 500 and resp.json["error"]["type"] == "server_error"
+    assert "template bug" not in resp.text  # the traceback goes to the log, not the client
+    openapi_validate(resp.json, "ErrorResponse")
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "req-42" in errors[0].getMessage() and errors[0].exc_info
+    text = (await client.simulate_get("/metrics")).text
+    assert metric_value(text, "aisandbox_http_requests_total", route="/v1/chat/completions", status="500") == 1

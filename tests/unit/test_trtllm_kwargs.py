@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import shared_file
+
 from aisandbox.artifacts import EngineProfile
 from aisandbox.build_engine.profiles import KV_PRECISIONS, WEIGHT_PRECISIONS, list_profiles, load_profile
 from aisandbox.build_engine.trt_build import (
@@ -255,9 +257,11 @@ TRT_LLM_ARGS = set(
 API_JSON = Path(__file__).resolve().parents[2].parent / "shared" / "tools" / "trtllm-1.2-api.json"
 
 
-@pytest.mark.skipif(not API_JSON.is_file(), reason=f"{API_JSON} (the shared API record) is absent")
 def test_the_snapshot_matches_the_shared_api_record() -> None:
-    classes = json.loads(API_JSON.read_text())["classes"]
+    record = shared_file(API_JSON, "the keyword snapshots against the recorded 1.2 API")
+    if record is None:
+        return
+    classes = json.loads(record.read_text())["classes"]
     assert set(classes["SamplingParams"]["fields"]) == SAMPLING_PARAMS
     assert set(classes["BuildConfig"]["fields"]) == BUILD_CONFIG
     assert set(classes["QuantConfig"]["fields"]) == QUANT_CONFIG
@@ -401,9 +405,11 @@ SCHEDULER_CONFIG = {"capacity_scheduler_policy", "context_chunking_policy", "dyn
 CAPACITY_SCHEDULER_POLICY = {"MAX_UTILIZATION", "GUARANTEED_NO_EVICT", "STATIC_BATCH"}
 
 
-@pytest.mark.skipif(not API_JSON.is_file(), reason=f"{API_JSON} (the shared API record) is absent")
 def test_scheduler_names_match_the_shared_api_record() -> None:
-    classes = json.loads(API_JSON.read_text())["classes"]
+    record = shared_file(API_JSON, "the scheduler names against the recorded 1.2 API")
+    if record is None:
+        return
+    classes = json.loads(record.read_text())["classes"]
     assert set(classes["SchedulerConfig"]["fields"]) == SCHEDULER_CONFIG
     assert set(classes["CapacitySchedulerPolicy"]["members"]) == CAPACITY_SCHEDULER_POLICY
 
