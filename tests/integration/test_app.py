@@ -287,3 +287,35 @@ async def test_an_unexpected_error_is_one_500_logged_once_with_the_request_id(
     assert len(errors) == 1 and "req-42" in errors[0].getMessage() and errors[0].exc_info
     text = (await client.simulate_get("/metrics")).text
     assert metric_value(text, "aisandbox_http_requests_total", route="/v1/chat/completions", status="500") == 1
+
+
+async def test_a_failing_engine_loop_ends_every_live_stream_with_an_error_event(
+    tiny_mistral_dir: Path, openapi_validate: Validate
+) -> None:
+    settings = ServerSettings(model=tiny_mistral_dir, served_model_name=MODEL, dtype="float32")
+    engine = create_engine(settings)
+    async with ASGIConductor(create_app(settings, engine)) as conductor:
+        assert (await engine.wait_ready(120)).ready
+        backend: Any = engine.backend
+        decode, calls = backend._decode, []
+
+        def failing_decode(*args: Any) -> None:
+            calls.append(1)
+            if len(calls) > 4:
+                raise RuntimeError("simulated device failure")
+            decode(*args)
+
+        backend._decode = failing_decode
+        body = chat(max_tokens=200, ignore_eos=True, stream=True)
+        replies = await asyncio.gather(*(post(conductor, "/v1/chat/completions", json=body) for _ in range(3)))
+        for reply in replies:
+            events = sse_events(reply.text)
+            assert reply.status_code == 200 and events[-1] == "[DONE]"
+            error = events[-2]
+            openapi_validate(error, "ErrorResponse")
+            assert error["error"]["code"] == "engine_unavailable" and "simulated device failure" in error["error"]["message"]
+        health = await conductor.simulate_get("/health")
+        assert health.status_code == 503 and health.json["status"] == "dead"
+        assert "simulated device failure" in health.json["reason"]
+        text = (await conductor.simulate_get("/metrics")).text
+        assert metric_value(text, "aisandbox_requests_running") == 0
