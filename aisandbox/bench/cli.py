@@ -103,6 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a ServerSettings field for --engine local (e.g. model=/path, dtype=float32); repeatable",
     )  # fmt: skip
     target.add_argument("--wait-ready", type=float, default=60.0, metavar="S", help="wait this long for GET /models")
+    target.add_argument(
+        "--null-engine",
+        action="store_true",
+        help="measure the HTTP tier alone: start `serve --null-engine` on one core, stream from another "
+        "(--concurrency sets the stream counts, default 1,16,64,256)",
+    )
 
     load = parser.add_argument_group("load")
     mode = load.add_mutually_exclusive_group()
@@ -356,8 +362,25 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _null_engine(args: argparse.Namespace) -> int:
+    from aisandbox.bench.tier import run_tier, tier_markdown
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    server, client = ({cpus[0]}, set(cpus[1:])) if len(cpus) > 1 else (None, None)
+    _notice(f"null engine: server on CPU {sorted(server or [])}, client on CPUs {sorted(client or [])}")
+    try:
+        points = run_tier(args.concurrency or [1, 16, 64, 256], server_cpus=server, client_cpus=client)
+    except RuntimeError as exc:
+        _notice(f"error: {exc}")
+        return 2
+    print(tier_markdown(points))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark (or render a comparison); return the exit status."""
+    if args.null_engine:
+        return _null_engine(args)
     if args.compare:
         if len(args.compare) < 2:
             _notice("--compare needs at least two result files")

@@ -7,8 +7,9 @@
   that cannot possibly fit the context (see `Admission.refuse_oversized`);
 * the context-length check (one message, one `param`), the queue bound (429), duplicate request ids;
 * the registry of live requests: when the backend dies, every one of them ends at once with an error;
-* the text thread, which turns each engine step's token deltas into text deltas (detokenization, stop
-  strings) for all sequences at once, and hands them to the event loop with one `call_soon_threadsafe`.
+* text: each engine step's token deltas become text deltas (detokenization, stop strings) for all sequences
+  at once, in the engine's own thread (torch, null) or on a text thread when the backend emits from the event
+  loop (trtllm's pumps), and reach the loop with one `call_soon_threadsafe` per step.
 
 As TGI's router does (`validation.rs` then `infer/mod.rs` over a `Backend` trait), so the backends only turn
 token ids into token deltas.
@@ -157,7 +158,13 @@ class Admission:
         self._call(self._on_failed, reason)
 
     def emit(self, deltas: Sequence[tuple[str, TokenDelta]]) -> None:
-        self._text_inbox.put(deltas)
+        if threading.get_ident() == self._loop_thread:
+            self._text_inbox.put(deltas)  # from the event loop (trtllm's pumps): the text thread does the work
+            return
+        out: list[tuple[_Live, TextDelta | BaseException]] = []  # from the engine's own thread: do it here
+        self._to_text(deltas, out)
+        if out:
+            self._call(self._deliver, out)
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
         """Run `callback` on the event loop: now when already there, else at its next turn."""
