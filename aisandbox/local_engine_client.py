@@ -103,7 +103,9 @@ class LocalEngineClient:
             "kind": "local",
             "endpoint": self.options.endpoint,
             "settings": self.settings.model_dump(mode="json", exclude={"api_key"}, exclude_none=True),
-            "model_path": str(self.settings.engine_dir or resolve_model_path(self.settings)),
+            "model_path": str(
+                self.settings.engine_dir or resolve_model_path(self.settings.model, self.settings.cache_dir)
+            ),
             "max_model_len": self._engine.model_info.max_model_len,
             "versions": {p: _version(p) for p in ("aisandbox", "torch", "transformers")},
         }

@@ -148,10 +148,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"aisandbox serve: cannot serve {settings.engine_dir}: {problem}", file=sys.stderr)
             return 2
     elif settings.model is None:
-        from aisandbox.runtime.default_model import prepare_default_model
+        from aisandbox.runtime.loader import resolve_model_path
 
         try:
-            extra["model"] = prepare_default_model(settings.cache_dir)
+            extra["model"] = resolve_model_path(None, settings.cache_dir)
         except FileNotFoundError as exc:
             print(f"aisandbox serve: {exc}", file=sys.stderr)
             return 2

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from aisandbox.runtime.admission import Admission
 from aisandbox.runtime.default_model import prepare_default_model
 from aisandbox.runtime.textgen import stream_text
-from aisandbox.runtime.admission import Admission
 from aisandbox.runtime.torch_backend import TorchBackend, TorchEngineConfig
 from aisandbox.runtime.types import GenerationRequest, SamplingParams
 from aisandbox.settings import ServerSettings

@@ -18,6 +18,7 @@ token ids into token deltas.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -112,10 +113,8 @@ class Admission:
 
     async def wait_ready(self, timeout_s: float | None = None) -> Health:
         if self._settled is not None:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._settled.wait(), timeout_s)
-            except TimeoutError:
-                pass
         return self.health()
 
     async def shutdown(self) -> None:
@@ -322,7 +321,9 @@ class Admission:
             if batch is None:
                 return
 
-    def _to_text(self, batch: Sequence[tuple[str, TokenDelta]], out: list[tuple[_Live, TextDelta | BaseException]]) -> None:
+    def _to_text(
+        self, batch: Sequence[tuple[str, TokenDelta]], out: list[tuple[_Live, TextDelta | BaseException]]
+    ) -> None:
         live = self._live
         for request_id, delta in batch:
             entry = live.get(request_id)

@@ -11,11 +11,17 @@ from aisandbox.settings import ServerSettings
 __all__ = ["create_backend", "create_engine", "resolve_model_path"]
 
 
-def resolve_model_path(settings: ServerSettings) -> Path:
-    """The torch backend's model folder: --model, or the converted default model (converting it if needed)."""
+def resolve_model_path(model: Path | None, cache_dir: Path) -> Path:
+    """The model folder to load: `model`, or the default model converted into `cache_dir` (once).
+
+    The one place the default model is resolved: `serve` (before gunicorn starts), the backends' load threads
+    (in-process engines) and the local benchmark all call it.
+    """
+    if model is not None:
+        return model
     from aisandbox.runtime.default_model import prepare_default_model
 
-    return settings.model if settings.model is not None else prepare_default_model(settings.cache_dir)
+    return prepare_default_model(cache_dir)
 
 
 def create_backend(settings: ServerSettings) -> Backend:

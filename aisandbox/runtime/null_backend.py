@@ -76,12 +76,9 @@ class NullBackend:
         assert self._host is not None
         host = self._host
         try:
-            path = self._model_path
-            if path is None:
-                from aisandbox.runtime.default_model import prepare_default_model
+            from aisandbox.runtime.loader import resolve_model_path
 
-                path = prepare_default_model(self._cache_dir)
-            tokenizer = load_tokenizer(path)
+            tokenizer = load_tokenizer(resolve_model_path(self._model_path, self._cache_dir))
             canned = tokenizer.encode(_CANNED)[1:] or [0]
             info = ModelInfo(
                 max_model_len=1 << 20,

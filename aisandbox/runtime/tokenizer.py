@@ -15,7 +15,15 @@ from typing import Any, Literal, Protocol
 
 from aisandbox.errors import InvalidRequest
 
-__all__ = ["ByteTable", "ChatMessage", "HFTokenizer", "MistralCommonTokenizer", "Tokenizer", "TokenizerMode", "load_tokenizer"]
+__all__ = [
+    "ByteTable",
+    "ChatMessage",
+    "HFTokenizer",
+    "MistralCommonTokenizer",
+    "Tokenizer",
+    "TokenizerMode",
+    "load_tokenizer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +85,7 @@ _CHECK_TEXTS = (
     "Hello world, how are you? 1234",
     "Emoji: 😀👍🏽 and a family 👨‍👩‍👧 here.",
     "中文测试：你好，世界！日本語もね。한국어도",
-    "  leading spaces and\nnew lines\n\n\tindented {\"json\": [1, 2]}",
+    '  leading spaces and\nnew lines\n\n\tindented {"json": [1, 2]}',
     "Mixed ünïcödé — dashes… and “quotes” 🚀",
 )
 

@@ -245,7 +245,8 @@ class _SlotKV:
 
     def read_block(self, row: int, lo: int, hi: int) -> torch.Tensor:
         """Columns lo..hi of one row, all layers: [layers, 2, kv_heads, hi - lo, head_dim] (a copy)."""
-        return torch.stack([torch.stack((k[row, :, lo:hi], v[row, :, lo:hi])) for k, v in zip(self.k, self.v)])
+        pairs = zip(self.k, self.v, strict=True)
+        return torch.stack([torch.stack((k[row, :, lo:hi], v[row, :, lo:hi])) for k, v in pairs])
 
     def write_block(self, row: int, lo: int, block: torch.Tensor) -> None:
         """Write a `read_block` result into one row from column lo."""
@@ -366,9 +367,10 @@ class TorchBackend:
 
         cfg = self.config
         if cfg.model_path is None:
-            from aisandbox.runtime.default_model import prepare_default_model
+            from aisandbox.runtime.loader import resolve_model_path
 
-            cfg = replace(cfg, model_path=prepare_default_model(cfg.cache_dir or Path.home() / ".cache" / "aisandbox"))
+            cache_dir = cfg.cache_dir or Path.home() / ".cache" / "aisandbox"
+            cfg = replace(cfg, model_path=resolve_model_path(None, cache_dir))
         model_path: Path = cfg.model_path  # type: ignore[assignment]
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -534,7 +536,7 @@ class TorchBackend:
             logits = self._forward(ids.to(dev), pos.to(dev), mask[:, None].to(dev))
         finally:
             kv.write_mask = None
-        for i, (seq, n, c) in enumerate(zip(group, lengths, cached, strict=True)):
+        for i, (seq, c) in enumerate(zip(group, cached, strict=True)):
             self._prefix.store(prompts[i], c, lambda a, b, row=first_row + i, start=seq.start_col: kv.read_block(
                 row, start + a, start + b
             ))

@@ -257,7 +257,9 @@ async def test_hostile_bodies_get_clear_client_errors_logged_as_such(
             (b"{not json", 400, "invalid_json"),
         ]
         for body, status, code in cases:
-            resp = await post(conductor, "/v1/chat/completions", body=body, headers={"content-type": "application/json"})
+            resp = await post(
+                conductor, "/v1/chat/completions", body=body, headers={"content-type": "application/json"}
+            )
             assert resp.status_code == status, (body[:20], resp.text)
             openapi_validate(resp.json, "ErrorResponse")
             assert resp.json["error"]["code"] == code and resp.headers.get("x-request-id")
@@ -313,7 +315,10 @@ async def test_a_failing_engine_loop_ends_every_live_stream_with_an_error_event(
             assert reply.status_code == 200 and events[-1] == "[DONE]"
             error = events[-2]
             openapi_validate(error, "ErrorResponse")
-            assert error["error"]["code"] == "engine_unavailable" and "simulated device failure" in error["error"]["message"]
+            assert (
+                error["error"]["code"] == "engine_unavailable"
+                and "simulated device failure" in error["error"]["message"]
+            )
         health = await conductor.simulate_get("/health")
         assert health.status_code == 503 and health.json["status"] == "dead"
         assert "simulated device failure" in health.json["reason"]

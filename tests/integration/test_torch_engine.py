@@ -4,8 +4,8 @@ aborts free their rows, a failing engine loop ends every live request."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import shared_file
-
 from aisandbox.artifacts import EngineProfile
 from aisandbox.build_engine.profiles import KV_PRECISIONS, WEIGHT_PRECISIONS, list_profiles, load_profile
 from aisandbox.build_engine.trt_build import (
@@ -26,6 +24,7 @@ from aisandbox.build_engine.trt_build import (
 )
 from aisandbox.runtime.trtllm_backend import llm_runtime_kwargs, sampling_kwargs
 from aisandbox.runtime.types import SamplingParams
+from tests.conftest import shared_file
 
 SAMPLING_PARAMS = set(
     [
