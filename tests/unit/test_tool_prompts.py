@@ -106,7 +106,7 @@ def test_id_map_resolves_clashes() -> None:
 def test_mistral_calls_come_back_through_the_real_detokenizer(mistral_tok: MistralCommonTokenizer) -> None:
     """What Mistral-7B-Instruct-v0.3 writes, token by token, becomes calls with the client never seeing [TOOL_CALLS]."""
     prompt = mistral_tok.encode_chat(CONVERSATION[:2], TOOLS)
-    calls = '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_weather", "arguments": {"city": "Nice"}}]'
+    calls = json.dumps([{"name": "get_weather", "arguments": {"city": c}} for c in ("Paris", "Nice")])
     output = [5, *mistral_tok.encode_fragment(calls), 2]
     rng = random.Random(0)
     for _ in range(5):
