@@ -12,10 +12,11 @@ A. One grammar over the whole output: `tool_structural_tag(request, tool_format,
    allowed. The Mistral tag holds a token format, so compile it with the compiler (it needs the tokenizer
    info), not with `Grammar.from_structural_tag`. Parse the output with a normal parser.
 
-B. Prefix in the prompt, JSON Schema after it: append `forced_prefix(tokenizer).token_ids` to the prompt,
-   constrain the output with `tool_calls_json_schema(request, tool_format)`, and parse with
-   `create_tool_parser(..., prefilled=True)`. Simpler to compile (a JSON Schema), but a Hermes-format answer
-   then holds exactly one call.
+B. Prefix in the prompt: append `forced_prefix(tokenizer).token_ids` to the prompt, constrain the output with
+   `tool_structural_tag(request, tool_format, token_id, prefilled=True)` (what follows the prefix, in the
+   model's own layout: Mistral writes " [" first) or, simplest to compile, with the JSON Schema
+   `tool_calls_json_schema(request, tool_format)` (no leading space, and a Hermes answer then holds exactly
+   one call), and parse with `create_tool_parser(..., prefilled=True)`.
 
 With `tool_choice` `auto`, use A: the model writes text freely until it writes the call prefix, and from then on
 the call's name and arguments are constrained (`strict` or not, arguments always follow their schema once a
@@ -94,6 +95,10 @@ def _tag(begin: Any, content: Mapping[str, Any], end: Any) -> dict[str, Any]:
     return {"type": "tag", "begin": begin, "content": dict(content), "end": end}
 
 
+def _const(value: str) -> dict[str, Any]:
+    return {"type": "const_string", "value": value}
+
+
 def _json(schema: Mapping[str, Any]) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": dict(schema)}
 
@@ -107,29 +112,28 @@ def _call_tags(request: ToolRequest, begin: str, end: str) -> list[dict[str, Any
 
 
 def tool_structural_tag(
-    request: ToolRequest, tool_format: ToolFormat, tool_call_token_id: int | None = None
+    request: ToolRequest, tool_format: ToolFormat, tool_call_token_id: int | None = None, *, prefilled: bool = False
 ) -> dict[str, Any]:
-    """The xgrammar structural tag for the whole output (way A), for `auto`, `required` or a named function.
+    """The xgrammar structural tag for the output, for `auto`, `required` or a named function.
 
     Args:
         request: The request's tools and choice (must be active: tools given, choice not `none`).
         tool_format: `Tokenizer.tool_format`.
-        tool_call_token_id: `Tokenizer.tool_call_token_id`, required for `mistral`.
+        tool_call_token_id: `Tokenizer.tool_call_token_id`, required for `mistral` (unless prefilled).
+        prefilled: Way B: the prompt already ends with `forced_prefix(...)`; the tag covers what follows it.
+            Only for forced calls.
     """
     if not request.active:
         raise ValueError("no grammar for a request without callable tools")
+    if prefilled:
+        if not request.forced:
+            raise ValueError("a prefilled call prefix is only for forced calls")
+        return {"type": "structural_tag", "format": _after_prefix(request, tool_format)}
     if tool_format == "mistral":
         if tool_call_token_id is None:
             raise ValueError("the mistral format needs the [TOOL_CALLS] token id")
-        calls = {
-            "type": "tags_with_separator",
-            "tags": _call_tags(request, "", ""),
-            "separator": _MISTRAL_SEPARATOR,
-            "at_least_one": True,
-            "stop_after_first": not request.parallel,
-        }
         # [TOOL_CALLS] " [" call (", " call)* "]": a tag that begins with the token and ends with the "]".
-        body = {"type": "sequence", "elements": [{"type": "const_string", "value": _MISTRAL_LIST_OPEN}, calls]}
+        body = {"type": "sequence", "elements": [_const(_MISTRAL_LIST_OPEN), _mistral_calls(request)]}
         section = _tag({"type": "token", "token": tool_call_token_id}, body, "]")
         if request.forced:
             fmt: dict[str, Any] = section
@@ -149,6 +153,32 @@ def tool_structural_tag(
         "stop_after_first": not request.parallel,
     }
     return {"type": "structural_tag", "format": fmt}
+
+
+def _mistral_calls(request: ToolRequest) -> dict[str, Any]:
+    return {
+        "type": "tags_with_separator",
+        "tags": _call_tags(request, "", ""),
+        "separator": _MISTRAL_SEPARATOR,
+        "at_least_one": True,
+        "stop_after_first": not request.parallel,
+    }
+
+
+def _after_prefix(request: ToolRequest, tool_format: ToolFormat) -> dict[str, Any]:
+    """What follows the call prefix: Mistral's ` [call, ...]`, or Hermes' first call body and further calls."""
+    if tool_format == "mistral":
+        elements = [_const(_MISTRAL_LIST_OPEN), _mistral_calls(request), _const("]")]
+        return {"type": "sequence", "elements": elements}
+    first = {"type": "or", "elements": _call_tags(request, "", _HERMES_END)}
+    if not request.parallel:
+        return first
+    more = {
+        "type": "triggered_tags",
+        "triggers": [FALLBACK_CALL_OPEN],
+        "tags": _call_tags(request, HERMES_BEGIN, _HERMES_END),
+    }
+    return {"type": "sequence", "elements": [first, more]}
 
 
 @dataclass(frozen=True, slots=True)
