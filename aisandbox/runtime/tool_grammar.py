@@ -99,8 +99,14 @@ def _const(value: str) -> dict[str, Any]:
     return {"type": "const_string", "value": value}
 
 
+MAX_WHITESPACE = 8
+"""Most consecutive whitespace characters the arguments JSON may hold between tokens. Unbounded whitespace lets
+a weak model loop on spaces and newlines until max_tokens (seen with the tiny test model); 8 still allows
+`json.dumps(indent=2)` three levels deep."""
+
+
 def _json(schema: Mapping[str, Any]) -> dict[str, Any]:
-    return {"type": "json_schema", "json_schema": dict(schema)}
+    return {"type": "json_schema", "json_schema": dict(schema), "max_whitespace_cnt": MAX_WHITESPACE}
 
 
 def _call_tags(request: ToolRequest, begin: str, end: str) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
+from aisandbox.runtime.tool_calling import ToolPlan, plan_tools
 from aisandbox.runtime.tool_parsers import (
     ContentEvent,
     HermesToolParser,
@@ -21,7 +22,8 @@ from aisandbox.runtime.tool_parsers import (
     create_tool_parser,
     feed_tokens,
 )
-from aisandbox.runtime.tools import ToolCall
+from aisandbox.runtime.tools import ToolCall, ToolChoice, ToolRequest, ToolSpec
+from aisandbox.runtime.types import FinishReason
 
 TC = 5  # [TOOL_CALLS] in Mistral's v3 vocabulary
 TEXT = 100  # any ordinary token id
@@ -305,3 +307,53 @@ def test_feed_tokens_cuts_steps_before_the_trigger() -> None:
         result = parser.finish()
         assert result.content == "Hi" and [c.name for c in result.tool_calls] == ["add"], step
         assert assemble(events + list(result.events))[0] == "Hi"
+
+
+# ---- the per-sequence text state and the plan (aisandbox.runtime.tool_calling) ----
+
+
+class _FlushDetok(_FakeDetok):
+    def flush(self) -> str:
+        return ""
+
+
+def _plan(fmt: str, choice: str = "auto", parallel: bool = True) -> ToolPlan:
+    from types import SimpleNamespace
+
+    tools = ToolRequest((ToolSpec("add"), ToolSpec("get_weather")), ToolChoice(choice), parallel)  # type: ignore[arg-type]
+    plan = plan_tools(SimpleNamespace(tool_format=fmt, tool_call_token_id=TC), tools)  # type: ignore[arg-type]
+    assert plan is not None and plan.grammar is not None
+    return plan
+
+
+def test_plan_is_none_without_callable_tools() -> None:
+    from types import SimpleNamespace
+
+    tok = SimpleNamespace(tool_format="hermes", tool_call_token_id=None)
+    assert plan_tools(tok, None) is None  # type: ignore[arg-type]
+    assert plan_tools(tok, ToolRequest((ToolSpec("add"),), ToolChoice("none"))) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("guided", [True, False])
+def test_tool_call_text_end_to_end(guided: bool) -> None:
+    state = _plan("mistral").new_text(_FlushDetok(), guided=guided)
+    output = [ord(c) for c in "Hi"] + [TC] + [ord(c) for c in f" [{ADD}]"]
+    content, calls = "", []
+    for i in range(0, len(output), 3):
+        text, events = state.add(output[i : i + 3])
+        content += text
+        calls += events
+        assert all(not isinstance(e, ContentEvent) for e in events)
+    end = state.finish(FinishReason.STOP)
+    assert content + end.text == "Hi" and end.content == "Hi"
+    assert end.finish_reason is FinishReason.TOOL_CALLS and [c.name for c in end.calls] == ["add"]
+    assert bool(calls) is guided  # unguided: call events come only at the end
+    assert assemble([*calls, *end.events])[1][0]["arguments"] == ADD_ARGS
+
+
+def test_tool_call_text_malformed_and_length() -> None:
+    state = _plan("hermes").new_text(_FlushDetok(), guided=False)
+    text, _ = state.add([ord(c) for c in 'x<tool_call>{"name": "add", "argu'])
+    end = state.finish(FinishReason.LENGTH)
+    assert text + end.text == 'x<tool_call>{"name": "add", "argu' and end.calls == ()
+    assert end.finish_reason is FinishReason.LENGTH and end.malformed
