@@ -256,7 +256,7 @@ class MistralCommonTokenizer:
         if prompt_tools:
             body["tools"] = [t.to_openai() for t in prompt_tools]
         try:
-            request = ChatCompletionRequest.model_validate(body)
+            request: Any = ChatCompletionRequest.model_validate(body)  # generic in its message types
             return list(self._mt.encode_chat_completion(request).tokens)
         except MistralCommonException as exc:
             raise InvalidRequest(f"Invalid conversation: {exc}", param="messages") from exc
