@@ -309,3 +309,37 @@ def test_langchain_assembles_the_stream() -> None:
         ("call_1", "get_weather", {"city": "Paris"}),
         ("call_2", "add", {"a": 1, "b": 2}),
     ]
+
+
+@pytest.mark.parametrize(("choice", "expected"), [(None, "auto"), ("any", "required"), ("get_weather", "named")])
+def test_langchain_bind_tools_requests_validate(choice: str | None, expected: str) -> None:
+    """What `ChatOpenAI(...).bind_tools(...)` sends, a round trip included, passes validation and converts."""
+    pytest.importorskip("langchain_openai")
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str, unit: str = "c") -> str:
+        """Current weather in a city."""
+        return "21"
+
+    llm = ChatOpenAI(model="m", base_url="http://127.0.0.1:9/v1", api_key="unused")
+    bound = llm.bind_tools([get_weather], tool_choice=choice) if choice else llm.bind_tools([get_weather])
+    messages = [
+        HumanMessage("Weather in Paris?"),
+        AIMessage("", tool_calls=[{"id": "call_1", "name": "get_weather", "args": {"city": "Paris"}}]),
+        ToolMessage("21", tool_call_id="call_1"),
+    ]
+    payload_of = getattr(bound.bound, "_get_request_payload", None)  # type: ignore[attr-defined]
+    if payload_of is None:
+        pytest.skip("langchain_openai changed its private payload builder")
+    body = ChatCompletionRequest.model_validate(payload_of(messages, **bound.kwargs))  # type: ignore[attr-defined]
+    request = body.tool_request()
+    assert request is not None and request.choice.mode == expected
+    assert body.conversation(with_tools=True)[2] == {
+        "role": "tool",
+        "content": "21",
+        "tool_call_id": "call_1",
+        "name": "get_weather",
+    }
