@@ -176,7 +176,13 @@ class _CallScanner:
 
     @property
     def in_arguments(self) -> bool:
-        return self.state == "value" and self.current_key in _ARGUMENT_KEYS and not self.string_arguments
+        # Only the first arguments value streams (a repeated key would make the pieces disagree with the result).
+        return (
+            self.state == "value"
+            and self.current_key in _ARGUMENT_KEYS
+            and not self.string_arguments
+            and self.arguments is None
+        )
 
     def take_fragment(self) -> str:
         """Argument text that is safe to stream now (trailing whitespace is held: it may lie outside)."""

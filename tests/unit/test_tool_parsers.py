@@ -175,6 +175,12 @@ def test_mistral_missing_closing_bracket_keeps_complete_calls() -> None:
     assert [c.name for c in result.tool_calls] == ["get_weather"] and not result.malformed
 
 
+def test_repeated_arguments_key_streams_the_first() -> None:
+    after = ' [{"name": "add", "arguments": {"a": 1}, "parameters": {"b": 2}}]'
+    events, result = run(mistral(), mistral_pieces("", after, random.Random(0)))
+    assert result.tool_calls[0].arguments_json == '{"a": 1}' == assemble(events)[1][0]["arguments"]
+
+
 def test_mistral_lone_object_and_string_arguments() -> None:
     after = ' {"name": "add", "arguments": "{\\"a\\": 1}"}'
     events, result = run(mistral(), mistral_pieces("", after, None))
