@@ -32,15 +32,7 @@ from aisandbox.runtime.tools import (
     fallback_messages,
 )
 
-__all__ = [
-    "ChatMessage",
-    "HFTokenizer",
-    "MistralCommonTokenizer",
-    "Tokenizer",
-    "TokenizerMode",
-    "ToolPrompt",
-    "load_tokenizer",
-]
+__all__ = ["ChatMessage", "HFTokenizer", "MistralCommonTokenizer", "Tokenizer", "TokenizerMode", "load_tokenizer"]
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +80,6 @@ class Tokenizer(Protocol):
             messages: The conversation; earlier tool calls and tool results included.
             tools: The request's tools and tool choice; None (or choice `none`) puts no tools in the prompt.
         """
-
-
-def _template_tool_calls(calls: Sequence[ToolCall], ids: MistralIdMap | None) -> list[dict[str, Any]]:
-    """Calls as Hugging Face chat templates take them (arguments as a dict where they are JSON)."""
-    return [
-        {
-            "id": ids.to_mistral(c.id) if ids is not None else c.id,
-            "type": "function",
-            "function": {"name": c.name, "arguments": c.arguments()},
-        }
-        for c in calls
-    ]
 
 
 class HFTokenizer:
@@ -159,7 +139,15 @@ class HFTokenizer:
         for m in messages:
             item = {k: v for k, v in m.items() if k != "tool_calls"}
             if m.get("tool_calls"):
-                item["tool_calls"] = _template_tool_calls(m["tool_calls"], ids)
+                item["tool_calls"] = [
+                    {
+                        "id": ids.to_mistral(c.id) if ids is not None else c.id,
+                        "type": "function",
+                        # Templates index into the arguments, so they get a dict where the JSON is one.
+                        "function": {"name": c.name, "arguments": c.arguments()},
+                    }
+                    for c in m["tool_calls"]
+                ]
             if m.get("role") == "tool" and ids is not None and m.get("tool_call_id") is not None:
                 item["tool_call_id"] = ids.to_mistral(str(m["tool_call_id"]))
             out.append(item)
