@@ -114,6 +114,10 @@ class HFTokenizer:
             if isinstance(token_id, int) and token_id != self._tok.unk_token_id:
                 return "template", "mistral", token_id
         if FALLBACK_CALL_OPEN in source:
+            if FALLBACK_CALL_OPEN in (self._tok.all_special_tokens or ()):
+                # decode() skips special tokens, so the text parser would never see the wrapper (known limit:
+                # Qwen and Hermes ship it as a normal added token).
+                log.warning("%s is a special token: tool calls will not be recognised", FALLBACK_CALL_OPEN)
             return "template", "hermes", None
         # A template that takes tools but teaches a call format no parser here reads (Llama 3.1's bare JSON,
         # for one): use the documented fallback instead, so the calls it asks for can be parsed.
