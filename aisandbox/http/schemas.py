@@ -61,13 +61,6 @@ class StreamOptions(_Strict):
     """vLLM's extension: usage on every chunk (accepted, not sent)."""
 
 
-class TextPart(_Strict):
-    """A text content part."""
-
-    type: Literal["text"]
-    text: str
-
-
 class FunctionDefinition(_Strict):
     """`tools[].function`."""
 
