@@ -50,17 +50,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class StreamOptions(_Strict):
-    """`stream_options`."""
-
-    include_usage: StrictBool = False
-    """Send a last chunk with empty choices and the usage of the whole request."""
-    include_obfuscation: StrictBool | None = None
-    """Accepted; no obfuscation padding is ever sent."""
-    continuous_usage_stats: StrictBool = False
-    """vLLM's extension: usage on every chunk (accepted, not sent)."""
-
-
 class FunctionDefinition(_Strict):
     """`tools[].function`."""
 
@@ -116,6 +105,17 @@ class ToolCallIn(BaseModel):
         arguments = self.function.arguments
         text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
         return ToolCall(self.id, self.function.name, text)
+
+
+class StreamOptions(_Strict):
+    """`stream_options`."""
+
+    include_usage: StrictBool = False
+    """Send a last chunk with empty choices and the usage of the whole request."""
+    include_obfuscation: StrictBool | None = None
+    """Accepted; no obfuscation padding is ever sent."""
+    continuous_usage_stats: StrictBool = False
+    """vLLM's extension: usage on every chunk (accepted, not sent)."""
 
 
 class ChatMessageIn(BaseModel):
