@@ -5,28 +5,41 @@ OpenAI fields that this server cannot honour (`unsupported_parameter`, never sil
 themselves into the runtime's own `SamplingParams` in one method. Responses are built as plain dicts by the
 small functions at the end, since they sit on the per-token hot path; their shapes follow OpenAI's spec
 and the tests validate them against it.
+
+Function calling: `tools`, `tool_choice` and `parallel_tool_calls` are validated here and converted by
+`ChatCompletionRequest.tool_request()` (plus `conversation(with_tools=True)` for the messages) into the
+runtime's `aisandbox.runtime.tools` types. The legacy `functions` / `function_call` fields stay refused
+(`unsupported_parameter`): they would need the legacy `message.function_call` response shape too, and every
+current client sends `tools`.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from aisandbox.errors import InvalidRequest, UnsupportedParameter
+from aisandbox.runtime.tool_parsers import ContentEvent, ToolCallArguments, ToolCallStart, ToolEvent
+from aisandbox.runtime.tools import ToolCall, ToolChoice, ToolRequest, ToolSpec
 from aisandbox.runtime.types import SamplingParams
 
 __all__ = [
     "ChatCompletionRequest",
     "CompletionRequest",
     "chat_chunk",
+    "chat_deltas",
+    "chat_message",
     "chat_response",
     "completion_chunk",
     "completion_response",
     "error_body",
     "model_card",
+    "tool_calls_json",
     "usage",
 ]
 
@@ -35,6 +48,63 @@ Number = Annotated[float, Field(allow_inf_nan=False)]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FunctionDefinition(_Strict):
+    """`tools[].function`."""
+
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    """a-z, A-Z, 0-9, underscores and dashes, at most 64 characters (OpenAI's rule)."""
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """JSON Schema of the arguments object; checked against its meta-schema. Omitted means no parameters."""
+    strict: StrictBool | None = None
+
+
+class ToolDefinition(_Strict):
+    """One entry of `tools`."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    """`tool_choice.function`."""
+
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    """`tool_choice: {"type": "function", "function": {"name": ...}}`."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCallIn(BaseModel):
+    """`messages[].tool_calls[].function`."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+    """A JSON string, as OpenAI sends it (an object is accepted and serialized)."""
+
+
+class ToolCallIn(BaseModel):
+    """A call an earlier assistant message made, sent back by the client."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: Annotated[str, Field(min_length=1)]
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+    def to_runtime(self) -> ToolCall:
+        """As the runtime's `ToolCall`."""
+        arguments = self.function.arguments
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        return ToolCall(self.id, self.function.name, text)
 
 
 class StreamOptions(_Strict):
@@ -56,7 +126,7 @@ class ChatMessageIn(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
 
     def text(self, index: int) -> str:
@@ -178,13 +248,14 @@ class ChatCompletionRequest(_SamplingFields):
     prompt_cache_retention: str | None = None
     prompt_cache_options: dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
+    """Whether one answer may hold several calls (default true)."""
+    tools: Annotated[list[ToolDefinition], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     moderation: Any = None
     modalities: list[Literal["text"]] | None = None
     # Known OpenAI fields we refuse unless they ask for the default.
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
     response_format: dict[str, Any] | None = None
@@ -198,13 +269,14 @@ class ChatCompletionRequest(_SamplingFields):
     def _check_chat(self) -> ChatCompletionRequest:
         if self.logprobs or self.top_logprobs:
             raise UnsupportedParameter("logprobs", "'logprobs' is not supported by this server yet.")
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                raise UnsupportedParameter(name, f"'{name}' (tool calling) is not supported by this server yet.")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise UnsupportedParameter("tool_choice")
+        if self.functions:
+            raise UnsupportedParameter("functions", "The legacy 'functions' parameter is not supported; use 'tools'.")
         if self.function_call not in (None, "none", "auto"):
-            raise UnsupportedParameter("function_call")
+            raise UnsupportedParameter(
+                "function_call", "The legacy 'function_call' is not supported; use 'tool_choice'."
+            )
+        self._check_tools()
+        self._check_tool_messages()
         if self.response_format is not None and self.response_format.get("type") != "text":
             raise UnsupportedParameter("response_format", "Only response_format {'type': 'text'} is supported.")
         for name in ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options"):
@@ -212,20 +284,143 @@ class ChatCompletionRequest(_SamplingFields):
                 raise UnsupportedParameter(name)
         return self
 
+    def _check_tools(self) -> None:
+        """Duplicate names, invalid parameter schemas, and a tool_choice that names no given tool."""
+        tools = self.tools or []
+        seen: set[str] = set()
+        for i, tool in enumerate(tools):
+            name = tool.function.name
+            if name in seen:
+                raise InvalidRequest(
+                    f"Duplicate tool name '{name}' in 'tools'; tool names must be unique.",
+                    param=f"tools[{i}].function.name",
+                    code="invalid_value",
+                )
+            seen.add(name)
+            if tool.function.parameters is not None:
+                _check_parameters_schema(tool.function.parameters, f"tools[{i}].function.parameters")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in seen:
+                raise InvalidRequest(
+                    f"Invalid value for 'tool_choice': no function named '{choice.function.name}' in 'tools'.",
+                    param="tool_choice",
+                    code="invalid_value",
+                )
+        elif choice == "required" and not tools:
+            raise InvalidRequest(
+                "Invalid value for 'tool_choice': 'required' needs 'tools'.", param="tool_choice", code="invalid_value"
+            )
+
+    def _check_tool_messages(self) -> None:
+        """Every tool message answers a call that an earlier assistant message made."""
+        calls: set[str] = set()
+        for i, message in enumerate(self.messages):
+            if message.role == "assistant" and message.tool_calls:
+                calls.update(call.id for call in message.tool_calls)
+            elif message.tool_calls:
+                raise InvalidRequest(
+                    f"Only assistant messages may carry 'tool_calls' (messages[{i}] is '{message.role}').",
+                    param=f"messages[{i}].tool_calls",
+                    code="invalid_value",
+                )
+            if message.role != "tool":
+                continue
+            if not message.tool_call_id:
+                raise InvalidRequest(
+                    f"Missing required parameter: 'messages[{i}].tool_call_id'.",
+                    param=f"messages[{i}].tool_call_id",
+                    code="missing_required_parameter",
+                )
+            if message.tool_call_id not in calls:
+                raise InvalidRequest(
+                    f"Invalid parameter: messages[{i}] with role 'tool' answers tool_call_id "
+                    f"'{message.tool_call_id}', which no earlier assistant message's 'tool_calls' has.",
+                    param=f"messages[{i}].tool_call_id",
+                    code="invalid_value",
+                )
+
     def requested_max_tokens(self) -> int | None:
         """`max_completion_tokens` wins over the older `max_tokens`."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def conversation(self) -> list[dict[str, str]]:
-        """Messages flattened to {"role", "content"} text, with `developer` as `system`."""
-        out = []
+    def tool_request(self) -> ToolRequest | None:
+        """`tools`, `tool_choice` and `parallel_tool_calls` as the runtime's ToolRequest; None without tools.
+
+        A ToolRequest whose choice is `none` is returned too (`active` is False then): the tools stay out of
+        the prompt and no parser is needed.
+        """
+        if not self.tools:
+            return None
+        specs = tuple(
+            ToolSpec(
+                name=t.function.name,
+                description=t.function.description or "",
+                parameters=t.function.parameters or {"type": "object", "properties": {}},
+                strict=bool(t.function.strict),
+            )
+            for t in self.tools
+        )
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            runtime_choice = ToolChoice("named", choice.function.name)
+        else:
+            runtime_choice = ToolChoice(choice or "auto")
+        parallel = True if self.parallel_tool_calls is None else self.parallel_tool_calls
+        return ToolRequest(specs, runtime_choice, parallel)
+
+    def conversation(self, *, with_tools: bool = False) -> list[dict[str, Any]]:
+        """Messages as the tokenizer takes them: text content, `developer` as `system`, calls as `ToolCall`s.
+
+        Assistant messages keep their `tool_calls` (a tuple of `ToolCall`, content None when they had none);
+        tool messages keep `tool_call_id` and get `name`, the function of the call they answer.
+
+        Args:
+            with_tools: Whether the caller handles tools (passes `tool_request()` to `encode_chat` and parses
+                the output for calls). Without it, a request whose tools would be active is refused with
+                `unsupported_parameter`, so that tools are never silently ignored.
+        """
+        request = self.tool_request()
+        if not with_tools and request is not None and request.active:
+            raise UnsupportedParameter("tools", "'tools' (tool calling) is not supported on this request path yet.")
+        names: dict[str, str] = {}
+        out: list[dict[str, Any]] = []
         for i, message in enumerate(self.messages):
             role = "system" if message.role == "developer" else message.role
+            if role == "assistant" and message.tool_calls:
+                calls = tuple(call.to_runtime() for call in message.tool_calls)
+                names.update((call.id, call.name) for call in calls)
+                text = message.text(i)
+                out.append({"role": role, "content": text or None, "tool_calls": calls})
+                continue
             item: dict[str, Any] = {"role": role, "content": message.text(i)}
-            if message.tool_call_id is not None:
+            if role == "tool":
                 item["tool_call_id"] = message.tool_call_id
+                item["name"] = names.get(str(message.tool_call_id), message.name)
             out.append(item)
         return out
+
+
+def _check_parameters_schema(schema: dict[str, Any], param: str) -> None:
+    """A function's `parameters` must be a valid JSON Schema (checked against its meta-schema) for an object."""
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path)
+        raise InvalidRequest(
+            f"Invalid schema for function parameters{f' at {where}' if where else ''}: {exc.message}",
+            param=param,
+            code="invalid_value",
+        ) from exc
+    if schema.get("type", "object") != "object":
+        raise InvalidRequest(
+            f"Invalid schema for function parameters: it must describe an object (type 'object'), "
+            f"not type {schema.get('type')!r}.",
+            param=param,
+            code="invalid_value",
+        )
 
 
 class CompletionRequest(_SamplingFields):
@@ -291,10 +486,35 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def tool_calls_json(calls: Iterable[ToolCall]) -> list[dict[str, Any]]:
+    """`message.tool_calls`: id, type function, function {name, arguments as a JSON string}."""
+    return [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments_json}} for c in calls
+    ]
+
+
+def chat_message(content: str | None, calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
+    """`choices[].message`: content is null when the answer is calls only."""
+    message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+    message["refusal"] = None
+    if calls:
+        message["tool_calls"] = tool_calls_json(calls)
+    return message
+
+
 def chat_response(
-    rid: str, created: int, model: str, choices: list[tuple[str, str]], use: dict[str, int]
+    rid: str,
+    created: int,
+    model: str,
+    choices: Sequence[tuple[str | None, str]],
+    use: dict[str, int],
+    tool_calls: Sequence[Sequence[ToolCall]] | None = None,
 ) -> dict[str, Any]:
-    """A whole chat completion; choices are (text, finish_reason) by index."""
+    """A whole chat completion; choices are (text, finish_reason) by index, with each choice's calls if any.
+
+    With tools, pass `ToolParseResult.content` as the text, `result.finish_reason(engine_reason)` as the
+    reason and `result.tool_calls` in `tool_calls[index]`.
+    """
     return {
         "id": rid,
         "object": "chat.completion",
@@ -303,7 +523,7 @@ def chat_response(
         "choices": [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": chat_message(text, tool_calls[i] if tool_calls else ()),
                 "logprobs": None,
                 "finish_reason": reason,
             }
@@ -311,6 +531,38 @@ def chat_response(
         ],
         "usage": use,
     }
+
+
+def chat_deltas(events: Iterable[ToolEvent]) -> list[dict[str, Any]]:
+    """Streamed `delta` objects for a parser's events, in order, shaped as OpenAI streams calls.
+
+    A call's first delta carries index, id, type, function.name and arguments ""; later deltas carry only the
+    index and a piece of the arguments. Consecutive pieces of one call, and consecutive content, are merged
+    into one delta. Wrap each delta with `chat_chunk`.
+    """
+    out: list[dict[str, Any]] = []
+    last: tuple[str, int] | None = None  # what the previous delta holds: ("content", -1) or ("args", index)
+    for event in events:
+        if isinstance(event, ContentEvent):
+            if not event.text:
+                continue
+            if last == ("content", -1):
+                out[-1]["content"] += event.text
+            else:
+                out.append({"content": event.text})
+                last = ("content", -1)
+        elif isinstance(event, ToolCallStart):
+            function = {"name": event.name, "arguments": ""}
+            call = {"index": event.index, "id": event.id, "type": "function", "function": function}
+            out.append({"tool_calls": [call]})
+            last = ("start", event.index)
+        elif isinstance(event, ToolCallArguments):
+            if last == ("args", event.index):
+                out[-1]["tool_calls"][0]["function"]["arguments"] += event.fragment
+            else:
+                out.append({"tool_calls": [{"index": event.index, "function": {"arguments": event.fragment}}]})
+                last = ("args", event.index)
+    return out
 
 
 def chat_chunk(

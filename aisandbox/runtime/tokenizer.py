@@ -3,6 +3,16 @@
 Two implementations behind one protocol: Hugging Face tokenizers with their own Jinja chat template, and
 Mistral's `mistral-common` tokenizer (the reference chat encoding of Mistral-7B-Instruct-v0.3), picked by the
 files a model folder holds, as vLLM's `tokenizer_mode=auto|mistral|hf` does.
+
+Function calling, by tokenizer kind (`Tokenizer.tool_prompt`):
+
+- `mistral-common`: mistral-common's own encoding (`[AVAILABLE_TOOLS]`, `[TOOL_CALLS]`, `[TOOL_RESULTS]`), with
+  client tool-call ids mapped to Mistral's 9-character ids. Calls come back as `[TOOL_CALLS]` + JSON list.
+- `template`: a Hugging Face chat template that takes `tools` gets them; calls come back in the format the
+  template teaches (`[TOOL_CALLS]` for Mistral's own templates, `<tool_call>` for Hermes/Qwen ones).
+- `fallback`: any other chat template: the tool list and a calling instruction join the system prompt, and
+  calls use the `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` wrapper
+  (`aisandbox.runtime.tools.fallback_messages`).
 """
 
 from __future__ import annotations
@@ -13,7 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from aisandbox.errors import InvalidRequest
+from aisandbox.errors import InvalidRequest, UnsupportedParameter
+from aisandbox.runtime.tools import (
+    FALLBACK_CALL_OPEN,
+    MistralIdMap,
+    ToolCall,
+    ToolFormat,
+    ToolRequest,
+    fallback_messages,
+)
 
 __all__ = [
     "ByteTable",
@@ -30,7 +48,14 @@ log = logging.getLogger(__name__)
 TokenizerMode = Literal["auto", "hf", "mistral"]
 
 ChatMessage = Mapping[str, Any]
-"""One chat message: {"role": str, "content": str, ...}, content already flattened to text."""
+"""One chat message: {"role": str, "content": str, ...}, content already flattened to text; assistant messages
+may carry `tool_calls` (a sequence of `ToolCall`), tool messages `tool_call_id` and `name`
+(see `aisandbox.runtime.tools`)."""
+
+ToolPrompt = Literal["mistral-common", "template", "fallback"]
+"""How a tokenizer puts tools into the prompt (see the module docstring)."""
+
+_TOOL_CALLS_TOKEN = "[TOOL_CALLS]"
 
 # Files that mark a Mistral-format tokenizer, most specific first.
 _MISTRAL_FILES = ("tekken.json", "tokenizer.model.v7m1", "tokenizer.model.v7", "tokenizer.model.v3")
@@ -41,15 +66,29 @@ class Tokenizer(Protocol):
 
     eos_token_ids: tuple[int, ...]
     vocab_size: int
+    tool_prompt: ToolPrompt
+    """How tools reach the prompt."""
+    tool_format: ToolFormat
+    """How the model writes its calls, so which parser reads them."""
+    tool_call_token_id: int | None
+    """The `[TOOL_CALLS]` control token id, for the `mistral` format (detected by id, never by text)."""
 
     def encode(self, text: str) -> list[int]:
         """Encode a completion prompt, with the model's BOS where it uses one."""
 
+    def encode_fragment(self, text: str) -> list[int]:
+        """Encode text to append to a prompt: no BOS, no EOS."""
+
     def decode(self, token_ids: Sequence[int]) -> str:
         """Decode ids to text, skipping special tokens."""
 
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Encode a conversation ending with the assistant's turn to generate."""
+    def encode_chat(self, messages: Sequence[ChatMessage], tools: ToolRequest | None = None) -> list[int]:
+        """Encode a conversation ending with the assistant's turn to generate.
+
+        Args:
+            messages: The conversation; earlier tool calls and tool results included.
+            tools: The request's tools and tool choice; None (or choice `none`) puts no tools in the prompt.
+        """
 
     def byte_table(self) -> ByteTable | None:
         """Each token id's bytes, for fast incremental detokenization; None when this tokenizer's kind is unknown."""
@@ -147,6 +186,27 @@ class HFTokenizer:
         self.eos_token_ids = tuple(sorted(eos))
         self.vocab_size = len(self._tok)
         self._bos = self._tok.bos_token if self._tok.bos_token and self._adds_bos() else None
+        self.tool_prompt, self.tool_format, self.tool_call_token_id = self._tool_support()
+
+    def _tool_support(self) -> tuple[ToolPrompt, ToolFormat, int | None]:
+        """Read the chat template: does it take `tools`, and which call format does it teach?"""
+        template = self._tok.chat_template
+        source = template if isinstance(template, str) else "\n".join(map(str, dict(template or {}).values()))
+        if "tools" not in source:
+            return "fallback", "hermes", None
+        if _TOOL_CALLS_TOKEN in source:
+            token_id = self._tok.convert_tokens_to_ids(_TOOL_CALLS_TOKEN)
+            if isinstance(token_id, int) and token_id != self._tok.unk_token_id:
+                return "template", "mistral", token_id
+        if FALLBACK_CALL_OPEN in source:
+            if FALLBACK_CALL_OPEN in (self._tok.all_special_tokens or ()):
+                # decode() skips special tokens, so the text parser would never see the wrapper (known limit:
+                # Qwen and Hermes ship it as a normal added token).
+                log.warning("%s is a special token: tool calls will not be recognised", FALLBACK_CALL_OPEN)
+            return "template", "hermes", None
+        # A template that takes tools but teaches a call format no parser here reads (Llama 3.1's bare JSON,
+        # for one): use the documented fallback instead, so the calls it asks for can be parsed.
+        return "fallback", "hermes", None
 
     def _adds_bos(self) -> bool:
         ids = self._tok.encode("a", add_special_tokens=True)
@@ -155,18 +215,48 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=True))
 
+    def encode_fragment(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(token_ids), skip_special_tokens=True))
 
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+    def _template_messages(self, messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+        """Messages for a template that takes tools: calls as dicts, Mistral ids where the format needs them."""
+        ids = MistralIdMap() if self.tool_format == "mistral" else None
+        out = []
+        for m in messages:
+            item = {k: v for k, v in m.items() if k != "tool_calls"}
+            if m.get("tool_calls"):
+                item["tool_calls"] = [
+                    {
+                        "id": ids.to_mistral(c.id) if ids is not None else c.id,
+                        "type": "function",
+                        # Templates index into the arguments, so they get a dict where the JSON is one.
+                        "function": {"name": c.name, "arguments": c.arguments()},
+                    }
+                    for c in m["tool_calls"]
+                ]
+            if m.get("role") == "tool" and ids is not None and m.get("tool_call_id") is not None:
+                item["tool_call_id"] = ids.to_mistral(str(m["tool_call_id"]))
+            out.append(item)
+        return out
+
+    def encode_chat(self, messages: Sequence[ChatMessage], tools: ToolRequest | None = None) -> list[int]:
         if not self._tok.chat_template:
             raise InvalidRequest(
                 "This model has no chat template; use /v1/completions.", param="messages", code="invalid_value"
             )
+        kwargs: dict[str, Any] = {}
+        if self.tool_prompt == "template":
+            chat = self._template_messages(messages)
+            prompt_tools = tools.prompt_tools if tools is not None else ()
+            if prompt_tools:
+                kwargs["tools"] = [t.to_openai() for t in prompt_tools]
+        else:
+            chat = fallback_messages(messages, tools)
         try:
-            text = self._tok.apply_chat_template(
-                [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
-            )
+            text = self._tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, **kwargs)
         except Exception as exc:  # Jinja templates raise their own errors for unsupported conversations.
             raise InvalidRequest(f"The chat template rejected the messages: {exc}", param="messages") from exc
         # The template already holds the special tokens (BOS included), as vLLM encodes it.
@@ -218,19 +308,67 @@ class MistralCommonTokenizer:
         self._inner = self._mt.instruct_tokenizer.tokenizer
         self.eos_token_ids: tuple[int, ...] = (int(self._inner.eos_id),)
         self.vocab_size = int(self._inner.n_words)
+        self.tool_prompt: ToolPrompt = "mistral-common"
+        self.tool_format: ToolFormat = "mistral"
+        self.tool_call_token_id: int | None = self._special_id(_TOOL_CALLS_TOKEN)
+        validator = getattr(self._mt, "_chat_completion_request_validator", None)
+        # v3 refuses an assistant message with both text and calls; v7 and later (validator V5+) accept it.
+        self._calls_with_content = bool(getattr(validator, "_allow_tool_call_and_content", False))
+
+    def _special_id(self, piece: str) -> int | None:
+        try:
+            return int(self._inner.get_special_token(piece))
+        except Exception:  # tokenizers before v2 have no tool tokens
+            return None
 
     def encode(self, text: str) -> list[int]:
         return list(self._inner.encode(text, bos=True, eos=False))
 
+    def encode_fragment(self, text: str) -> list[int]:
+        return list(self._inner.encode(text, bos=False, eos=False))
+
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._inner.decode(list(token_ids)))
 
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+    def _mistral_messages(self, messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+        """Messages in mistral-common's shape, with every tool-call id mapped to a 9-character one."""
+        ids = MistralIdMap()
+        out = []
+        for m in messages:
+            item = {k: v for k, v in m.items() if k not in ("tool_calls", "tool_call_id", "name")}
+            calls: Sequence[ToolCall] = m.get("tool_calls") or ()
+            if calls:
+                item["tool_calls"] = [
+                    {
+                        "id": ids.to_mistral(c.id),
+                        "type": "function",
+                        "function": {"name": c.name, "arguments": c.arguments_json},
+                    }
+                    for c in calls
+                ]
+                if not self._calls_with_content:
+                    # The v3 format has no place for text next to calls (the model writes one or the other).
+                    item["content"] = None
+            if m.get("role") == "tool":
+                if m.get("tool_call_id") is not None:
+                    item["tool_call_id"] = ids.to_mistral(str(m["tool_call_id"]))
+                if m.get("name"):
+                    item["name"] = m["name"]
+            out.append(item)
+        return out
+
+    def encode_chat(self, messages: Sequence[ChatMessage], tools: ToolRequest | None = None) -> list[int]:
         from mistral_common.exceptions import MistralCommonException
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
+        prompt_tools = tools.prompt_tools if tools is not None else ()
+        if prompt_tools and self.tool_call_token_id is None:
+            raise UnsupportedParameter("tools", "This model's tokenizer has no function-calling tokens.")
+        body: dict[str, Any] = {"messages": self._mistral_messages(messages)}
+        if prompt_tools:
+            body["tools"] = [t.to_openai() for t in prompt_tools]
         try:
-            request = ChatCompletionRequest.model_validate({"messages": [dict(m) for m in messages]})
+            request: Any = ChatCompletionRequest.model_validate(body)  # generic in its message types
             return list(self._mt.encode_chat_completion(request).tokens)
         except MistralCommonException as exc:
             raise InvalidRequest(f"Invalid conversation: {exc}", param="messages") from exc

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aisandbox.runtime.tool_parsers import ToolEvent
+    from aisandbox.runtime.tools import ToolCall
 
 __all__ = [
     "EngineState",
@@ -27,6 +32,8 @@ class FinishReason(enum.StrEnum):
     """max_tokens reached, or the context window is full."""
     ABORT = "abort"
     """Aborted by the client or by the server."""
+    TOOL_CALLS = "tool_calls"
+    """The model called tools (set by the tool-call text layer from STOP, never by a backend)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +95,10 @@ class TextDelta:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     """The stop string or token id that ended the sequence, when one did."""
+    tool_events: tuple[ToolEvent, ...] = ()
+    """Tool-call events of this step (call starts and argument pieces); content stays in `text`."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """On the last delta of a sequence that called tools: every call it made."""
 
     def merge(self, later: TextDelta) -> TextDelta:
         """This delta followed by a later one of the same sequence, as one delta."""

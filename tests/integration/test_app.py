@@ -189,7 +189,21 @@ async def test_stop_string_never_streamed(client: ASGIConductor) -> None:
         ("/v1/chat/completions", chat(temperature=-1), 400, "invalid_value", "temperature"),
         ("/v1/chat/completions", chat(max_tokens=10**6), 400, "context_length_exceeded", "messages"),
         ("/v1/chat/completions", chat(n=5), 400, "invalid_value", "n"),
-        ("/v1/chat/completions", chat(tools=[{"type": "function"}]), 400, "unsupported_parameter", "tools"),
+        # Refused by ChatCompletionRequest.conversation() until the request path wires tools in (issue 10).
+        (
+            "/v1/chat/completions",
+            chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+            400,
+            "unsupported_parameter",
+            "tools",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(tools=[{"type": "function"}]),
+            400,
+            "missing_required_parameter",
+            "tools[0].function",
+        ),
         ("/v1/completions", {"model": MODEL, "prompt": "x " * 600}, 400, "context_length_exceeded", "prompt"),
         ("/v1/completions", {"model": MODEL, "prompt": [10**7]}, 400, "invalid_value", "prompt"),
         ("/v1/completions", [1, 2], 400, "invalid_type", None),
