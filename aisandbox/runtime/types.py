@@ -102,7 +102,14 @@ class TextDelta:
 
     def merge(self, later: TextDelta) -> TextDelta:
         """This delta followed by a later one of the same sequence, as one delta."""
-        return TextDelta(self.text + later.text, later.completion_tokens, later.finish_reason, later.stop_reason)
+        return TextDelta(
+            self.text + later.text,
+            later.completion_tokens,
+            later.finish_reason,
+            later.stop_reason,
+            self.tool_events + later.tool_events,
+            later.tool_calls or self.tool_calls,
+        )
 
 
 class EngineState(enum.StrEnum):
