@@ -38,7 +38,9 @@ from aisandbox.http.errors import (
 from aisandbox.http.generation import ClientDisconnected, DisconnectSignal, Generation
 from aisandbox.http.metrics import Metrics
 from aisandbox.runtime.engine import Engine
-from aisandbox.runtime.types import GenerationRequest
+from aisandbox.runtime.tool_calling import ToolPlan, plan_tools
+from aisandbox.runtime.tools import ToolCall
+from aisandbox.runtime.types import GenerationRequest, TextDelta
 from aisandbox.settings import ServerSettings
 
 __all__ = ["DISCONNECT_KEY", "create_app"]
@@ -247,7 +249,7 @@ class _GenerateResource(_Base):
             raise ModelNotFound(body.model)
         if body.n > self.settings.max_n:
             raise InvalidRequest(f"n must be at most {self.settings.max_n}.", param="n", code="invalid_value")
-        prompts = await self._prompts(body)
+        prompts, tools = await self._prompts(body)
         asked = body.requested_max_tokens()
         rid = schemas.new_id(self.id_prefix)
         requests: list[GenerationRequest] = []
@@ -255,7 +257,7 @@ class _GenerateResource(_Base):
             max_tokens = self.engine.check_context(len(ids), asked, self.prompt_param)
             for j in range(body.n):
                 sampling = body.to_sampling_params(max_tokens, j)
-                requests.append(GenerationRequest(f"{rid}-{len(requests)}", ids, sampling))
+                requests.append(GenerationRequest(f"{rid}-{len(requests)}", ids, sampling, tools))
         gen = Generation(self.engine, requests, req.scope.get(DISCONNECT_KEY)).submit()
         prompt_tokens = sum(len(ids) for ids in prompts)
         self.metrics.prompt_tokens.inc(prompt_tokens)
@@ -266,10 +268,12 @@ class _GenerateResource(_Base):
             resp.sse = self._stream(gen, rid, created, body.include_usage, prompt_tokens, req.context.request_id)
             return
         texts = [""] * len(requests)
+        calls: list[tuple[ToolCall, ...]] = [()] * len(requests)
         try:
             async with gen:
                 async for index, delta in gen.events():
                     texts[index] += delta.text
+                    calls[index] = delta.tool_calls or calls[index]
         except ClientDisconnected:
             log.info("%s: client disconnected; aborted", rid)
             resp.status = 499  # nginx's "client closed request": nobody receives it, /metrics counts it
@@ -277,7 +281,7 @@ class _GenerateResource(_Base):
         self._observe(gen)
         use = schemas.usage(prompt_tokens, sum(gen.completion_tokens))
         choices = [(text, reason or "stop") for text, reason in zip(texts, gen.finish_reasons, strict=True)]
-        resp.media = self._response(rid, created, choices, use)
+        resp.media = self._response(rid, created, choices, use, calls)
 
     async def _parse(self, req: falcon.asgi.Request) -> Any:
         body = await read_json(req, self.settings.max_body_bytes, self.settings.max_json_depth)
@@ -288,7 +292,8 @@ class _GenerateResource(_Base):
         except ValidationError as exc:
             raise from_validation_error(exc) from None
 
-    async def _prompts(self, body: Any) -> list[tuple[int, ...]]:
+    async def _prompts(self, body: Any) -> tuple[list[tuple[int, ...]], ToolPlan | None]:
+        """The prompts' token ids (off the loop), and how the request calls tools, if it does."""
         raise NotImplementedError
 
     def _observe(self, gen: Generation) -> None:
@@ -299,14 +304,27 @@ class _GenerateResource(_Base):
         for reason in gen.finish_reasons:
             self.metrics.finished.labels(reason or "abort").inc()
 
-    def _response(self, rid: str, created: int, choices: list[tuple[str, str]], use: dict[str, int]) -> dict[str, Any]:
+    def _response(
+        self,
+        rid: str,
+        created: int,
+        choices: list[tuple[str, str]],
+        use: dict[str, int],
+        calls: list[tuple[ToolCall, ...]],
+    ) -> dict[str, Any]:
         raise NotImplementedError
 
     def _first_chunks(self, rid: str, created: int, count: int) -> list[dict[str, Any]]:
         return []
 
     def _chunk(self, rid: str, created: int, index: int, text: str, reason: str | None) -> dict[str, Any]:
+        """A text chunk (reason None) or a choice's last chunk."""
         raise NotImplementedError
+
+    def _delta_chunks(self, rid: str, created: int, index: int, delta: TextDelta) -> list[dict[str, Any]]:
+        """The chunks of a delta that is more than text: a finish, or tool-call events."""
+        reason = delta.finish_reason.value if delta.finish_reason is not None else None
+        return [self._chunk(rid, created, index, delta.text, reason)]
 
     async def _stream(
         self, gen: Generation, rid: str, created: int, include_usage: bool, prompt_tokens: int, request_id: str
@@ -320,12 +338,12 @@ class _GenerateResource(_Base):
                 for chunk in self._first_chunks(rid, created, count):
                     yield SSEvent(text=_dumps(chunk))
                 async for index, delta in gen.events():
-                    if delta.finish_reason is None:
+                    if delta.finish_reason is None and not delta.tool_events:
                         head, tail = templates[index]
                         yield SSEvent(text=head + _dumps(delta.text) + tail)
                     else:
-                        chunk = self._chunk(rid, created, index, delta.text, delta.finish_reason.value)
-                        yield SSEvent(text=_dumps(chunk))
+                        for chunk in self._delta_chunks(rid, created, index, delta):
+                            yield SSEvent(text=_dumps(chunk))
             if include_usage:
                 use = schemas.usage(prompt_tokens, sum(gen.completion_tokens))
                 chunk = schemas.usage_chunk(rid, created, self.settings.model_name, self.chunk_object, use)
@@ -348,11 +366,23 @@ class ChatCompletionsResource(_GenerateResource):
     prompt_param = "messages"
     chunk_object = "chat.completion.chunk"
 
-    async def _prompts(self, body: Any) -> list[tuple[int, ...]]:
-        return [tuple(await self.engine.encode_chat(body.conversation()))]
+    async def _prompts(self, body: Any) -> tuple[list[tuple[int, ...]], ToolPlan | None]:
+        tools = body.tool_request()
+        ids = await self.engine.encode_chat(body.conversation(with_tools=True), tools)
+        return [tuple(ids)], plan_tools(self.engine.tokenizer, tools)
 
-    def _response(self, rid: str, created: int, choices: list[tuple[str, str]], use: dict[str, int]) -> dict[str, Any]:
-        return schemas.chat_response(rid, created, self.settings.model_name, choices, use)
+    def _response(
+        self,
+        rid: str,
+        created: int,
+        choices: list[tuple[str, str]],
+        use: dict[str, int],
+        calls: list[tuple[ToolCall, ...]],
+    ) -> dict[str, Any]:
+        contents = [(text or None if c else text, reason) for (text, reason), c in zip(choices, calls, strict=True)]
+        return schemas.chat_response(
+            rid, created, self.settings.model_name, contents, use, calls if any(calls) else None
+        )
 
     def _first_chunks(self, rid: str, created: int, count: int) -> list[dict[str, Any]]:
         role = {"role": "assistant", "content": ""}
@@ -361,6 +391,16 @@ class ChatCompletionsResource(_GenerateResource):
     def _chunk(self, rid: str, created: int, index: int, text: str, reason: str | None) -> dict[str, Any]:
         delta = {"content": text} if text or reason is None else {}
         return schemas.chat_chunk(rid, created, self.settings.model_name, index, delta, reason)
+
+    def _delta_chunks(self, rid: str, created: int, index: int, delta: TextDelta) -> list[dict[str, Any]]:
+        if not delta.tool_events:
+            return super()._delta_chunks(rid, created, index, delta)
+        model = self.settings.model_name
+        parts = ([{"content": delta.text}] if delta.text else []) + schemas.chat_deltas(delta.tool_events)
+        chunks = [schemas.chat_chunk(rid, created, model, index, part, None) for part in parts]
+        if delta.finish_reason is not None:
+            chunks.append(schemas.chat_chunk(rid, created, model, index, {}, delta.finish_reason.value))
+        return chunks
 
 
 class CompletionsResource(_GenerateResource):
@@ -371,7 +411,7 @@ class CompletionsResource(_GenerateResource):
     prompt_param = "prompt"
     chunk_object = "text_completion"
 
-    async def _prompts(self, body: Any) -> list[tuple[int, ...]]:
+    async def _prompts(self, body: Any) -> tuple[list[tuple[int, ...]], ToolPlan | None]:
         vocab = self.engine.model_info.vocab_size
         out = []
         for p in body.prompts():
@@ -383,9 +423,16 @@ class CompletionsResource(_GenerateResource):
                         f"Token ids in 'prompt' must be in [0, {vocab}).", param="prompt", code="invalid_value"
                     )
                 out.append(tuple(p))
-        return out
+        return out, None
 
-    def _response(self, rid: str, created: int, choices: list[tuple[str, str]], use: dict[str, int]) -> dict[str, Any]:
+    def _response(
+        self,
+        rid: str,
+        created: int,
+        choices: list[tuple[str, str]],
+        use: dict[str, int],
+        calls: list[tuple[ToolCall, ...]],
+    ) -> dict[str, Any]:
         return schemas.completion_response(rid, created, self.settings.model_name, choices, use)
 
     def _chunk(self, rid: str, created: int, index: int, text: str, reason: str | None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import queue
 import threading
@@ -39,6 +40,7 @@ from aisandbox.runtime.collector import Submission
 from aisandbox.runtime.engine import Backend
 from aisandbox.runtime.textgen import TextState, check_context
 from aisandbox.runtime.tokenizer import ChatMessage, Tokenizer
+from aisandbox.runtime.tools import ToolRequest
 from aisandbox.runtime.types import (
     EngineState,
     EngineStats,
@@ -232,10 +234,12 @@ class Admission:
         assert self._pool is not None
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+    async def encode_chat(self, messages: Sequence[ChatMessage], tools: ToolRequest | None = None) -> list[int]:
         chars = sum(len(m.get("content") or "") for m in messages)
+        if tools is not None:
+            chars += sum(len(json.dumps(t.to_openai())) for t in tools.prompt_tools)
         self.refuse_oversized(chars, "messages")
-        ids = await self._off_loop(self.tokenizer.encode_chat, messages)
+        ids = await self._off_loop(self.tokenizer.encode_chat, messages, tools)
         self._check_prompt(ids, "messages")
         return ids
 

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Protocol, runtime_checkable
 
 from aisandbox.runtime.tokenizer import ChatMessage, Tokenizer
+from aisandbox.runtime.tools import ToolRequest
 from aisandbox.runtime.types import EngineStats, GenerationRequest, Health, ModelInfo, TextDelta, TokenDelta
 
 __all__ = ["Backend", "BackendHost", "Engine", "RequestStream"]
@@ -61,8 +62,9 @@ class Engine(Protocol):
     def tokenizer(self) -> Tokenizer:
         """The shared tokenizer; raises EngineNotReady before it is loaded."""
 
-    async def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Apply the chat template and tokenize, off the event loop; refuse at once what cannot fit."""
+    async def encode_chat(self, messages: Sequence[ChatMessage], tools: ToolRequest | None = None) -> list[int]:
+        """Apply the chat template (with the request's tools) and tokenize, off the event loop; refuse at once
+        what cannot fit."""
 
     async def encode(self, text: str) -> list[int]:
         """Tokenize a completion prompt, off the event loop; refuse at once what cannot fit."""

@@ -14,6 +14,7 @@ from aisandbox.runtime.detokenizer import IncrementalDetokenizer
 from aisandbox.runtime.engine import Engine
 from aisandbox.runtime.stop import StopMatcher
 from aisandbox.runtime.tokenizer import Tokenizer
+from aisandbox.runtime.tool_parsers import ToolEvent
 from aisandbox.runtime.types import FinishReason, GenerationRequest, TextDelta, TokenDelta
 
 __all__ = ["TextState", "check_context", "stream_text"]
@@ -49,11 +50,14 @@ def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int, p
 class TextState:
     """One sequence's text: detokenizer, stop strings, token count. Used by one thread at a time."""
 
-    __slots__ = ("_detok", "_min_tokens", "_stops", "count", "finished")
+    __slots__ = ("_detok", "_min_tokens", "_stops", "_tools", "count", "finished")
 
     def __init__(self, tokenizer: Tokenizer, request: GenerationRequest) -> None:
         sampling = request.sampling
         self._detok = IncrementalDetokenizer(tokenizer, request.prompt_token_ids)
+        # With tools, a parser sits on the detokenizer: call syntax never reaches the content.
+        guided = getattr(sampling, "grammar", None) is not None
+        self._tools = request.tools.new_text(self._detok, guided=guided) if request.tools is not None else None
         self._stops = StopMatcher(sampling.stop)
         self._min_tokens = sampling.min_tokens
         self.count = 0
@@ -67,21 +71,38 @@ class TextState:
         """
         self.count += len(delta.token_ids)
         shown = delta.token_ids[:-1] if delta.stop_token_id is not None else delta.token_ids
-        text = self._detok.add(shown)
         done = delta.finish_reason is not None
-        if done:
-            text += self._detok.flush()
-        if self._stops.active and self.count >= self._min_tokens:
+        events: tuple[ToolEvent, ...] = ()
+        if self._tools is not None:
+            text, events = self._tools.add(shown)
+        else:
+            text = self._detok.add(shown)
+            if done:
+                text += self._detok.flush()
+        stopping = self._stops.active and self.count >= self._min_tokens
+        if stopping:
             text, matched = self._stops.feed(text)
             if matched is not None:
                 self.finished = True
-                return TextDelta(text, self.count, FinishReason.STOP, matched)
-            if done:
+                if self._tools is None:
+                    return TextDelta(text, self.count, FinishReason.STOP, matched)
+                end = self._tools.finish(FinishReason.STOP)  # what follows the stop string is dropped
+                return TextDelta(text, self.count, end.finish_reason, matched, events + end.events, end.calls)
+        if not done:
+            return TextDelta(text, self.count, tool_events=events) if text or events else None
+        self.finished = True
+        assert delta.finish_reason is not None
+        if self._tools is None:
+            if stopping:
                 text += self._stops.flush()
-        if done:
-            self.finished = True
             return TextDelta(text, self.count, delta.finish_reason, delta.stop_token_id)
-        return TextDelta(text, self.count) if text else None
+        end = self._tools.finish(delta.finish_reason)
+        tail = end.text
+        if stopping:
+            tail, matched = self._stops.feed(tail)
+            tail += "" if matched is not None else self._stops.flush()
+        reason = end.finish_reason
+        return TextDelta(text + tail, self.count, reason, delta.stop_token_id, events + end.events, end.calls)
 
 
 async def stream_text(engine: Engine, request: GenerationRequest) -> AsyncIterator[TextDelta]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from aisandbox.runtime.tool_calling import ToolPlan
     from aisandbox.runtime.tool_parsers import ToolEvent
     from aisandbox.runtime.tools import ToolCall
 
@@ -70,6 +71,8 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
+    tools: ToolPlan | None = None
+    """Function calling for this sequence: the text layer parses calls out of its output."""
 
 
 @dataclass(frozen=True, slots=True)

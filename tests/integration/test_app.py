@@ -189,13 +189,15 @@ async def test_stop_string_never_streamed(client: ASGIConductor) -> None:
         ("/v1/chat/completions", chat(temperature=-1), 400, "invalid_value", "temperature"),
         ("/v1/chat/completions", chat(max_tokens=10**6), 400, "context_length_exceeded", "messages"),
         ("/v1/chat/completions", chat(n=5), 400, "invalid_value", "n"),
-        # Refused by ChatCompletionRequest.conversation() until the request path wires tools in (issue 10).
         (
             "/v1/chat/completions",
-            chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+            chat(
+                tools=[{"type": "function", "function": {"name": "f"}}],
+                tool_choice={"type": "function", "function": {"name": "g"}},
+            ),
             400,
-            "unsupported_parameter",
-            "tools",
+            "invalid_value",
+            "tool_choice",
         ),
         (
             "/v1/chat/completions",
