@@ -59,8 +59,8 @@ _PARSE_INLINE_BYTES = 64 * 1024
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+# One encoder for every chunk: json.dumps with non-default options builds a new encoder per call.
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 _MARKER = "\x00text\x00"

@@ -78,6 +78,7 @@ class AdmissionLimits:
 class _Live:
     """One admitted sequence: where its text goes and how it is made."""
 
+    request_id: str
     submission: Submission
     index: int
     text: TextState
@@ -288,7 +289,8 @@ class Admission:
         submission = Submission([r.request_id for r in requests], self._abort_many)
         try:
             for index, request in enumerate(requests):
-                self._live[request.request_id] = _Live(submission, index, TextState(tokenizer, request))
+                rid = request.request_id
+                self._live[rid] = _Live(rid, submission, index, TextState(tokenizer, request))
                 self.backend.add(request)
         except BaseException:
             self._abort_many([r.request_id for r in requests])  # all or none
@@ -358,7 +360,7 @@ class Admission:
         """On the loop: hand each result to its submission; forget finished requests."""
         live = self._live
         for entry, item in out:
-            request_id = entry.submission.request_ids[entry.index]
+            request_id = entry.request_id
             if live.get(request_id) is not entry:
                 continue  # aborted or ended meanwhile
             if isinstance(item, BaseException):
