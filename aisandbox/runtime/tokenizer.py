@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from aisandbox.errors import InvalidRequest
 
-__all__ = ["ChatMessage", "HFTokenizer", "MistralCommonTokenizer", "Tokenizer", "TokenizerMode", "load_tokenizer"]
+__all__ = [
+    "ChatMessage",
+    "HFTokenizer",
+    "MistralCommonTokenizer",
+    "TokenVocab",
+    "Tokenizer",
+    "TokenizerMode",
+    "load_tokenizer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +34,23 @@ ChatMessage = Mapping[str, Any]
 
 # Files that mark a Mistral-format tokenizer, most specific first.
 _MISTRAL_FILES = ("tekken.json", "tokenizer.model.v7m1", "tokenizer.model.v7", "tokenizer.model.v3")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenVocab:
+    """What every token id stands for as bytes: for grammars (xgrammar's RAW vocabulary) and logprobs.
+
+    `pieces[i]` is the text token i adds, as UTF-8 bytes, with the tokenizer's encodings undone: byte-level
+    BPE's byte-to-unicode map, SentencePiece's "\u2581" for a space and its <0xNN> byte-fallback tokens. A
+    piece may be part of a UTF-8 character. Special (control) tokens hold their written name, such as
+    b"</s>", but never appear in text: `special` lists them.
+    """
+
+    pieces: tuple[bytes, ...]
+    special: frozenset[int]
+
+    def __len__(self) -> int:
+        return len(self.pieces)
 
 
 class Tokenizer(Protocol):
@@ -41,6 +67,9 @@ class Tokenizer(Protocol):
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Encode a conversation ending with the assistant's turn to generate."""
+
+    def vocab_for_grammar(self) -> TokenVocab:
+        """Every token id's bytes and the special ids (computed once, then cached)."""
 
 
 class HFTokenizer:
@@ -62,6 +91,12 @@ class HFTokenizer:
         self.eos_token_ids = tuple(sorted(eos))
         self.vocab_size = len(self._tok)
         self._bos = self._tok.bos_token if self._tok.bos_token and self._adds_bos() else None
+        self._vocab: TokenVocab | None = None
+
+    def vocab_for_grammar(self) -> TokenVocab:
+        if self._vocab is None:
+            self._vocab = _hf_vocab(self._tok)
+        return self._vocab
 
     def _adds_bos(self) -> bool:
         ids = self._tok.encode("a", add_special_tokens=True)
@@ -98,9 +133,15 @@ class MistralCommonTokenizer:
         self._inner = self._mt.instruct_tokenizer.tokenizer
         self.eos_token_ids: tuple[int, ...] = (int(self._inner.eos_id),)
         self.vocab_size = int(self._inner.n_words)
+        self._vocab: TokenVocab | None = None
 
     def encode(self, text: str) -> list[int]:
         return list(self._inner.encode(text, bos=True, eos=False))
+
+    def vocab_for_grammar(self) -> TokenVocab:
+        if self._vocab is None:
+            self._vocab = _mistral_vocab(self._inner)
+        return self._vocab
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._inner.decode(list(token_ids)))
@@ -116,6 +157,70 @@ class MistralCommonTokenizer:
             raise InvalidRequest(f"Invalid conversation: {exc}", param="messages") from exc
         except ValueError as exc:  # pydantic validation of the messages
             raise InvalidRequest(f"Invalid conversation: {exc}", param="messages") from exc
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte-to-unicode map (byte-level BPE writes byte b as this character)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars = {b: chr(b) for b in kept}
+    shifted = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + shifted)
+            shifted += 1
+    return {c: b for b, c in chars.items()}
+
+
+def _sentencepiece_bytes(piece: str) -> bytes:
+    """A SentencePiece piece as bytes: <0xNN> is one byte, "\u2581" is a space."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            pass
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
+def _hf_vocab(tok: Any) -> TokenVocab:
+    """Decode a Hugging Face vocabulary: byte-level BPE, SentencePiece byte-fallback or raw strings."""
+    vocab: dict[str, int] = tok.get_vocab()
+    size = max(len(vocab), max(vocab.values()) + 1)
+    names = [""] * size
+    for name, idx in vocab.items():
+        names[idx] = name
+    special = set(int(i) for i in tok.all_special_ids)
+    for idx, added in getattr(tok, "added_tokens_decoder", {}).items():
+        if getattr(added, "special", False):
+            special.add(int(idx))
+    byte_level = _byte_level_decoder()
+    if "<0x0A>" in vocab:
+        decode = _sentencepiece_bytes
+    elif all(ch in byte_level for ch in "".join(n for i, n in enumerate(names) if i not in special)):
+        def decode(name: str) -> bytes:
+            return bytes(byte_level[ch] for ch in name)
+    else:
+        def decode(name: str) -> bytes:
+            return name.encode("utf-8")
+    pieces = tuple(name.encode("utf-8") if i in special else decode(name) for i, name in enumerate(names))
+    return TokenVocab(pieces, frozenset(special))
+
+
+def _mistral_vocab(inner: Any) -> TokenVocab:
+    """Decode a mistral-common vocabulary: Tekken (tiktoken bytes) or SentencePiece (byte fallback)."""
+    special = frozenset(int(i) for i in inner.special_ids)
+    n = int(inner.n_words)
+    if hasattr(inner, "id_to_byte_piece"):  # Tekken
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+        pieces = tuple(bytes(inner.id_to_byte_piece(i, SpecialTokenPolicy.KEEP)) for i in range(n))
+        return TokenVocab(pieces, special)
+    names = inner.vocab()
+    unk = int(inner.unk_id) if getattr(inner, "unk_id", -1) is not None else -1
+    special = special | ({unk} if unk >= 0 else set())
+    pieces = tuple(
+        names[i].encode("utf-8") if i in special else _sentencepiece_bytes(names[i]) for i in range(n)
+    )
+    return TokenVocab(pieces, special)
 
 
 def find_mistral_tokenizer_file(path: str | Path) -> Path | None:
