@@ -28,9 +28,12 @@ class ShownToken:
     """One token as OpenAI's logprobs show it."""
 
     token: str
-    logprob: float
+    logprob: float | None
+    """None only for the first prompt token of an echo (nothing predicts it)."""
     bytes: list[int]
     token_id: int
+    special: bool = False
+    """A control token (BOS, EOS, ...): never part of the shown text."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,7 @@ class LogprobFormatter:
     def __init__(self, tokenizer: Tokenizer) -> None:
         vocab = tokenizer.vocab_for_grammar()
         self._pieces = vocab.pieces
+        self._special = vocab.special
         self._cache: dict[int, tuple[str, list[int]]] = {}
 
     def token(self, token_id: int) -> tuple[str, list[int]]:
@@ -66,7 +70,7 @@ class LogprobFormatter:
     def shown(self, token_id: int, logprob: float) -> ShownToken:
         """One token with its logprob."""
         text, raw = self.token(token_id)
-        return ShownToken(text, _finite(logprob), list(raw), token_id)
+        return ShownToken(text, _finite(logprob), list(raw), token_id, token_id in self._special)
 
     def format(self, entry: TokenLogprob) -> ShownLogprob:
         """One step: the chosen token and its top alternatives."""
@@ -77,6 +81,20 @@ class LogprobFormatter:
     def format_all(self, entries: Sequence[TokenLogprob]) -> list[ShownLogprob]:
         """Every step of a delta (`TokenDelta.logprobs`), in order."""
         return [self.format(e) for e in entries]
+
+    def format_prompt(
+        self, prompt_token_ids: Sequence[int], entries: Sequence[TokenLogprob | None]
+    ) -> list[ShownLogprob]:
+        """The prompt's steps for an echo (`TokenDelta.prompt_logprobs`); the first has logprob None."""
+        out = []
+        for token_id, entry in zip(prompt_token_ids, entries, strict=True):
+            if entry is None:
+                text, raw = self.token(token_id)
+                special = token_id in self._special
+                out.append(ShownLogprob(ShownToken(text, None, list(raw), token_id, special), ()))
+            else:
+                out.append(self.format(entry))
+        return out
 
 
 def _finite(logprob: float) -> float:
