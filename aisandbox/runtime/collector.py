@@ -32,9 +32,7 @@ class DeltaCollector:
         if prev is None or prev.finish_reason is not None:
             self._pending = delta
         else:
-            self._pending = TokenDelta(
-                prev.token_ids + delta.token_ids, delta.finish_reason, delta.stop_token_id, delta.error
-            )
+            self._pending = prev.merge(delta)
         self._event.set()
 
     async def get(self) -> TokenDelta:

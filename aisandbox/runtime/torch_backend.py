@@ -38,6 +38,7 @@ import torch
 
 from aisandbox.errors import EngineDead, EngineNotReady, InvalidRequest, Overloaded
 from aisandbox.runtime.collector import RequestHandle
+from aisandbox.runtime.guided import compile_grammar
 from aisandbox.runtime.sampling import Sampler, SamplerRow, StepResult, prompt_logprobs
 from aisandbox.runtime.tokenizer import Tokenizer, load_tokenizer
 from aisandbox.runtime.types import (
@@ -150,6 +151,8 @@ class _Seq:
     """Sampling state (counts slot, grammar matcher, generator); made at the first sample."""
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     """Computed at prefill for echo requests; sent with the first delta."""
+    failed: str | None = None
+    """Why the sequence cannot run (its grammar did not compile); it ends at its first token."""
 
     @property
     def sampling(self) -> SamplingParams:
@@ -683,7 +686,9 @@ class TorchEngine:
             reason: FinishReason | None = None
             stop_token: int | None = None
             error: str | None = None
-            if step.grammar_rejected[i]:
+            if seq.failed is not None:
+                reason, error = FinishReason.ABORT, seq.failed
+            elif step.grammar_rejected[i]:
                 reason, error = FinishReason.ABORT, f"the grammar refused the sampled token {token}"
             elif step.grammar_done[i]:
                 # The grammar is complete and accepted its stop token (EOS): the end even with ignore_eos.
@@ -715,9 +720,24 @@ class TorchEngine:
         rows = []
         for seq in seqs:
             if seq.row is None:
-                seq.row = self._sampler.new_row(seq.sampling, seq.request.prompt_token_ids, seq.generator)
+                sp = seq.sampling
+                if sp.guided is not None and sp.grammar is None:
+                    sp = self._compile_late(seq)
+                seq.row = self._sampler.new_row(sp, seq.request.prompt_token_ids, seq.generator)
             rows.append(seq.row)
         return self._sampler.sample(rows, logits)
+
+
+    def _compile_late(self, seq: _Seq) -> SamplingParams:
+        """Compile a grammar the request path left uncompiled, rather than ignore it (this stalls the batch)."""
+        sp = seq.sampling
+        assert sp.guided is not None
+        log.warning("request %s reached the engine with an uncompiled grammar", seq.request.request_id)
+        try:
+            return replace(sp, grammar=compile_grammar(sp.guided, self.tokenizer, self.model_info))
+        except InvalidRequest as exc:
+            seq.failed = exc.message
+            return sp
 
 
 def _make_generator(sp: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -132,6 +132,20 @@ class TokenDelta:
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     """On the first delta of a request with prompt_logprobs: one per prompt token, None for the first."""
 
+    def merge(self, later: TokenDelta) -> TokenDelta:
+        """This delta followed by a later one of the same sequence, as one (for a consumer that fell behind)."""
+        logprobs = self.logprobs
+        if later.logprobs is not None:
+            logprobs = later.logprobs if logprobs is None else logprobs + later.logprobs
+        return TokenDelta(
+            self.token_ids + later.token_ids,
+            later.finish_reason,
+            later.stop_token_id,
+            later.error,
+            logprobs,
+            self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class TextDelta:

@@ -207,3 +207,15 @@ def test_prompt_logprobs() -> None:
     assert out[0] is None and len(out) == 4
     assert out[1] is not None and out[1].token_id == 7 and out[1].logprob == pytest.approx(float(raw[0, 7]))
     assert out[3] is not None and out[3].logprob == pytest.approx(float(raw[2, 3])) and len(out[3].top) == 2
+
+
+def test_merged_deltas_keep_every_logprob_and_the_prompt_logprobs() -> None:
+    from aisandbox.runtime.types import FinishReason, TokenDelta, TokenLogprob
+
+    a = TokenDelta((5,), logprobs=(TokenLogprob(5, -1.0),), prompt_logprobs=(None, TokenLogprob(3, -2.0)))
+    b = TokenDelta((2,), FinishReason.STOP, 2, logprobs=(TokenLogprob(2, -0.5),))
+    merged = a.merge(b)
+    assert merged.token_ids == (5, 2) and merged.finish_reason is FinishReason.STOP and merged.stop_token_id == 2
+    assert [e.token_id for e in merged.logprobs or ()] == [5, 2]
+    assert merged.prompt_logprobs == a.prompt_logprobs
+    assert TokenDelta((1,)).merge(TokenDelta((2,))).logprobs is None
