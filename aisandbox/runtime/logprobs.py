@@ -74,9 +74,7 @@ class LogprobFormatter:
 
     def format(self, entry: TokenLogprob) -> ShownLogprob:
         """One step: the chosen token and its top alternatives."""
-        return ShownLogprob(
-            self.shown(entry.token_id, entry.logprob), tuple(self.shown(t, lp) for t, lp in entry.top)
-        )
+        return ShownLogprob(self.shown(entry.token_id, entry.logprob), tuple(self.shown(t, lp) for t, lp in entry.top))
 
     def format_all(self, entries: Sequence[TokenLogprob]) -> list[ShownLogprob]:
         """Every step of a delta (`TokenDelta.logprobs`), in order."""

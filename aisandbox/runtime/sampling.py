@@ -275,9 +275,7 @@ class Sampler:
         if any(p > 0.0 for p in min_p):
             mp = torch.tensor(min_p, dtype=probs.dtype, device=dev)[:, None]
             probs = probs.masked_fill(probs < mp * probs.max(dim=-1, keepdim=True).values, 0.0)
-        uniforms = torch.stack(
-            [torch.rand((), generator=r.generator, dtype=torch.float64) for r in rows]  # type: ignore[arg-type]
-        ).to(dev)
+        uniforms = torch.stack([torch.rand((), generator=r.generator, dtype=torch.float64) for r in rows]).to(dev)
         cdf = probs.double().cumsum(dim=-1)
         total = cdf[:, -1:]
         # u * total < total; `right=True` then lands on a token with positive probability.

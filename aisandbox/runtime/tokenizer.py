@@ -194,13 +194,19 @@ def _hf_vocab(tok: Any) -> TokenVocab:
             special.add(int(idx))
     byte_level = _byte_level_decoder()
     if "<0x0A>" in vocab:
-        decode = _sentencepiece_bytes
+        kind = "sentencepiece"
     elif all(ch in byte_level for ch in "".join(n for i, n in enumerate(names) if i not in special)):
-        def decode(name: str) -> bytes:
-            return bytes(byte_level[ch] for ch in name)
+        kind = "byte_level"
     else:
-        def decode(name: str) -> bytes:
-            return name.encode("utf-8")
+        kind = "raw"
+
+    def decode(name: str) -> bytes:
+        if kind == "sentencepiece":
+            return _sentencepiece_bytes(name)
+        if kind == "byte_level":
+            return bytes(byte_level[ch] for ch in name)
+        return name.encode("utf-8")
+
     pieces = tuple(name.encode("utf-8") if i in special else decode(name) for i, name in enumerate(names))
     return TokenVocab(pieces, frozenset(special))
 
@@ -217,9 +223,7 @@ def _mistral_vocab(inner: Any) -> TokenVocab:
     names = inner.vocab()
     unk = int(inner.unk_id) if getattr(inner, "unk_id", -1) is not None else -1
     special = special | ({unk} if unk >= 0 else set())
-    pieces = tuple(
-        names[i].encode("utf-8") if i in special else _sentencepiece_bytes(names[i]) for i in range(n)
-    )
+    pieces = tuple(names[i].encode("utf-8") if i in special else _sentencepiece_bytes(names[i]) for i in range(n))
     return TokenVocab(pieces, special)
 
 

@@ -560,9 +560,8 @@ class TorchEngine:
             logits_to_keep=0 if all_positions else 1,
             **{self._cache_kw: self._kv},
         )
-        if all_positions:
-            return out.logits.float()
-        return out.logits[:, -1, :].float()
+        logits: torch.Tensor = out.logits
+        return logits.float() if all_positions else logits[:, -1, :].float()
 
     def _prefill(self, group: list[_Seq], running: list[_Seq], out: list[tuple[RequestHandle, TokenDelta]]) -> None:
         kv, dev = self._kv, self._device
@@ -726,7 +725,6 @@ class TorchEngine:
                 seq.row = self._sampler.new_row(sp, seq.request.prompt_token_ids, seq.generator)
             rows.append(seq.row)
         return self._sampler.sample(rows, logits)
-
 
     def _compile_late(self, seq: _Seq) -> SamplingParams:
         """Compile a grammar the request path left uncompiled, rather than ignore it (this stalls the batch)."""

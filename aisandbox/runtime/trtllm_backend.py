@@ -248,7 +248,7 @@ def token_logprobs(
     """
     out = []
     for entry, token in zip(logprobs_diff, token_ids, strict=False):
-        ranked = sorted(entry.items(), key=lambda kv: (getattr(kv[1], "rank", None) or 1 << 30))
+        ranked = sorted(entry.items(), key=lambda kv: getattr(kv[1], "rank", None) or 1 << 30)
         chosen = entry.get(token)
         value = float(getattr(chosen, "logprob", chosen)) if chosen is not None else float("-inf")
         alternatives = tuple((int(t), float(getattr(lp, "logprob", lp))) for t, lp in ranked[:top])
@@ -263,8 +263,9 @@ def llm_runtime_kwargs(
 
     Guided decoding is on wherever it can be (`guided_decoding_enabled`): `guided_decoding_backend='xgrammar'`
     makes the LLM build xgrammar's tokenizer info from the engine folder's Hugging Face tokenizer (llmapi/llm.py
-    `_TrtLLM._build_model`), and requests then carry GuidedDecodingParams. `gather_generation_logits` (a runtime ExecutorConfig flag
-    in 1.2, no rebuild) lets requests ask for logprobs; it costs a logits copy per step for those requests.
+    `_TrtLLM._build_model`), and requests then carry GuidedDecodingParams. `gather_generation_logits` (a
+    runtime ExecutorConfig flag in 1.2, no rebuild) lets requests ask for logprobs; it costs a logits copy per
+    step for those requests.
     """
     profile = manifest.profile
     kwargs: dict[str, Any] = {

@@ -36,7 +36,10 @@ def test_logit_bias_penalties_and_refused_logprobs(engine_dir: Path) -> None:  #
         )
         assert biased[0] != plain[0]
         penalized = await tokens(
-            engine, "freq", prompt, SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True, frequency_penalty=2.0)
+            engine,
+            "freq",
+            prompt,
+            SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True, frequency_penalty=2.0),
         )
         if len(set(plain)) < len(plain):  # the random tiny model loops; a strong penalty breaks the loop
             assert len(set(penalized)) > len(set(plain))

@@ -64,7 +64,9 @@ async def test_mixed_batch_grammar_penalties_logprobs_and_plain(engine: TorchEng
     alone = tokens(await run(engine, "alone", prompt, plain))
     alone_penalized = tokens(await run(engine, "alone-p", prompt, replace(plain, frequency_penalty=2.0)))
 
-    schema = guided(engine, SamplingParams(max_tokens=80, temperature=0.0), GrammarSpec("json_schema", json.dumps(SCHEMA)))
+    schema = guided(
+        engine, SamplingParams(max_tokens=80, temperature=0.0), GrammarSpec("json_schema", json.dumps(SCHEMA))
+    )
     sampled_schema = guided(
         engine, SamplingParams(max_tokens=80, temperature=1.0, seed=5), GrammarSpec("json_schema", json.dumps(SCHEMA))
     )

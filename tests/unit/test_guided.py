@@ -55,7 +55,9 @@ def generate(
 ) -> tuple[str, str]:
     """(text, finish reason) of one guided sequence under random logits."""
     sampler = Sampler(info.vocab_size, info.eos_token_ids)
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, guided=spec, grammar=compile_grammar(spec, tokenizer, info))
+    sp = SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, guided=spec, grammar=compile_grammar(spec, tokenizer, info)
+    )
     row = sampler.new_row(sp)
     g = torch.Generator().manual_seed(seed)
     out: list[int] = []
@@ -91,7 +93,11 @@ SCHEMA = {
         "status": {"enum": ["open", "closed"]},
         "id": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
         "items": {"type": "array", "items": {"$ref": "#/$defs/Item"}, "maxItems": 2},
-        "grid": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}, "maxItems": 2}, "maxItems": 2},
+        "grid": {
+            "type": "array",
+            "items": {"type": "array", "items": {"type": "integer"}, "maxItems": 2},
+            "maxItems": 2,
+        },
     },
     "required": ["status", "id", "items", "grid"],
     "additionalProperties": False,
