@@ -230,11 +230,18 @@ def compile_grammar(spec: GrammarSpec, tokenizer: Tokenizer, info: ModelInfo) ->
     return grammar_compiler(tokenizer, info.vocab_size, info.eos_token_ids).compile(spec)
 
 
-def mask_logits(logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[GrammarMatcher]) -> None:
+def mask_logits(
+    logits: torch.Tensor,
+    rows: Sequence[int],
+    matchers: Sequence[GrammarMatcher],
+    recheck: Sequence[int] = (),
+) -> None:
     """Mask, in place, every token each matcher forbids in its row of `logits` [batch, vocab].
 
-    Other rows are untouched. A row the grammar would leave with no allowed token (which a well-formed
-    grammar never does) gets its stop tokens back, so the sequence ends instead of sampling garbage.
+    Other rows are untouched. A row left with no allowed token gets its grammar's stop tokens back, so the
+    sequence ends instead of sampling garbage: a row whose grammar allows nothing (which a well-formed grammar
+    never does, read off the bitmask), or one of `recheck` (rows where the caller banned tokens before, such as
+    EOS under min_tokens) whose logits hold no finite value any more.
     """
     import xgrammar as xgr
 
@@ -246,9 +253,13 @@ def mask_logits(logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[Gr
         matcher.fill(bitmask, row)
     bits = bitmask.to(logits.device, non_blocking=True) if logits.device.type != "cpu" else bitmask
     xgr.apply_token_bitmask_inplace(logits, bits, vocab_size=width, indices=list(rows))
-    index = torch.tensor(list(rows), device=logits.device)
-    dead = torch.isneginf(logits.index_select(0, index)).all(dim=-1)
-    if bool(dead.any()):
-        for row, matcher, is_dead in zip(rows, matchers, dead.tolist(), strict=True):
-            if is_dead:
-                logits[row, list(matcher.grammar.stop_token_ids)] = 0.0
+    dead: set[int] = set()
+    empty = (bitmask[list(rows)] == 0).all(dim=-1).tolist()  # [rows] int32 words: 32x less than the logits
+    dead.update(row for row, is_empty in zip(rows, empty, strict=True) if is_empty)
+    if recheck:
+        index = torch.tensor(list(recheck), device=logits.device)
+        finite = torch.isfinite(logits.index_select(0, index)).any(dim=-1).tolist()
+        dead.update(row for row, ok in zip(recheck, finite, strict=True) if not ok)
+    for row, matcher in zip(rows, matchers, strict=True):
+        if row in dead:
+            logits[row, list(matcher.grammar.stop_token_ids)] = 0.0

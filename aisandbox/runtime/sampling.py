@@ -180,18 +180,20 @@ class Sampler:
             self._penalize(logits, [rows[i] for i in p_rows], p_rows)
 
         # 5. min_tokens bans.
-        ban_rows, ban_ids = [], []
+        ban_rows, ban_ids, banned = [], [], []
         for i, r in enumerate(rows):
             if r.banned_early and r.generated < r.params.min_tokens:
                 ban_rows += [i] * len(r.banned_early)
                 ban_ids += r.banned_early
+                banned.append(i)
         if ban_rows:
             logits[torch.tensor(ban_rows, device=dev), torch.tensor(ban_ids, device=dev)] = -float("inf")
 
         # 6. Grammar masks.
         g_rows = [i for i, r in enumerate(rows) if r.matcher is not None]
         if g_rows:
-            mask_logits(logits, g_rows, [rows[i].matcher for i in g_rows])  # type: ignore[misc]
+            matchers = [rows[i].matcher for i in g_rows]
+            mask_logits(logits, g_rows, matchers, [i for i in banned if rows[i].matcher is not None])  # type: ignore[arg-type]
 
         # 7. Pick.
         picked = logits.argmax(dim=-1)
