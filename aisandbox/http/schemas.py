@@ -24,18 +24,23 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from aisandbox.errors import InvalidRequest, UnsupportedParameter
+from aisandbox.runtime.logprobs import ShownLogprob
 from aisandbox.runtime.tool_parsers import ContentEvent, ToolCallArguments, ToolCallStart, ToolEvent
 from aisandbox.runtime.tools import ToolCall, ToolChoice, ToolRequest, ToolSpec
-from aisandbox.runtime.types import SamplingParams
+from aisandbox.runtime.types import GrammarSpec, SamplingParams
 
 __all__ = [
     "ChatCompletionRequest",
     "CompletionRequest",
+    "ResponseFormat",
     "chat_chunk",
     "chat_deltas",
+    "chat_logprobs",
     "chat_message",
     "chat_response",
+    "check_logit_bias",
     "completion_chunk",
+    "completion_logprobs",
     "completion_response",
     "error_body",
     "model_card",
@@ -152,6 +157,40 @@ class ChatMessageIn(BaseModel):
         return "\n".join(pieces)
 
 
+class JsonSchemaFormat(_Strict):
+    """`response_format.json_schema`."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
+    description: str | None = None
+    schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
+    """The JSON Schema the output must follow (OpenAI's subset: $defs/$ref, enum, anyOf, nested objects and
+    arrays, additionalProperties: false, ...). Absent: any JSON object."""
+    strict: StrictBool | None = None
+    """True: properties the schema does not list are refused even where it does not say
+    additionalProperties: false. False or absent (OpenAI's default): JSON Schema's own rules."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ResponseFormat(_Strict):
+    """`response_format`: `text`, `json_object` (any JSON object) or `json_schema`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type 'json_schema' needs a 'json_schema' object")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"response_format of type '{self.type}' takes no 'json_schema'")
+        return self
+
+
+MAX_GRAMMAR_CHARS = 100_000
+"""Longest schema, regex or grammar accepted."""
+
+
 class _SamplingFields(_Strict):
     """Fields common to chat and legacy completions."""
 
@@ -167,7 +206,16 @@ class _SamplingFields(_Strict):
     user: str | None = None
     frequency_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = None
     presence_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = None
-    logit_bias: dict[str, Number] | None = None
+    logit_bias: dict[str, Annotated[Number, Field(ge=-100.0, le=100.0)]] | None = None
+    """Token id (as a string) -> bias added to its logit, -100..100 (-100 bans it, 100 all but forces it)."""
+    response_format: ResponseFormat | None = None
+    """Structured output: `json_object` or `json_schema` (OpenAI's); also accepted on completions, as vLLM."""
+    # Structured-output extensions, under vLLM's names (the OpenAI SDK sends them through extra_body).
+    guided_regex: Annotated[str, Field(min_length=1, max_length=MAX_GRAMMAR_CHARS)] | None = None
+    """The output must match this regular expression (whole output)."""
+    guided_grammar: Annotated[str, Field(min_length=1, max_length=MAX_GRAMMAR_CHARS)] | None = None
+    """The output must follow this EBNF grammar (xgrammar's GBNF dialect, as llama.cpp writes it; the start
+    rule is `root`)."""
     # Self-hosted extensions, as vLLM accepts them.
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
     """-1 or 0 disables top-k."""
@@ -181,12 +229,51 @@ class _SamplingFields(_Strict):
     def _check_common(self) -> _SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("The 'stream_options' parameter is only allowed when 'stream' is enabled.")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                raise UnsupportedParameter(name, f"'{name}' is not supported; use 'repetition_penalty'.")
-        if self.logit_bias:
-            raise UnsupportedParameter("logit_bias")
+        for key in self.logit_bias or {}:
+            if not key.isdigit():
+                raise InvalidRequest(
+                    f"logit_bias keys must be token ids (non-negative integers as strings), not {key!r}.",
+                    param="logit_bias",
+                    code="invalid_value",
+                )
+        guides = [
+            name
+            for name, set_ in (
+                ("response_format", self.response_format is not None and self.response_format.type != "text"),
+                ("guided_regex", self.guided_regex is not None),
+                ("guided_grammar", self.guided_grammar is not None),
+            )
+            if set_
+        ]
+        if len(guides) > 1:
+            raise InvalidRequest(
+                f"Only one of {', '.join(guides)} may constrain the output.", param=guides[1], code="invalid_value"
+            )
         return self
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """The output constraint the request asks for, if any (compiled later, off the event loop)."""
+        if self.guided_regex is not None:
+            return GrammarSpec("regex", self.guided_regex)
+        if self.guided_grammar is not None:
+            return GrammarSpec("ebnf", self.guided_grammar)
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object" or fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            return GrammarSpec("json_object")
+        source = json.dumps(fmt.json_schema.schema_, separators=(",", ":"), ensure_ascii=False)
+        if len(source) > MAX_GRAMMAR_CHARS:
+            raise InvalidRequest(
+                f"The JSON schema is longer than {MAX_GRAMMAR_CHARS} characters.",
+                param="response_format.json_schema.schema",
+                code="invalid_value",
+            )
+        return GrammarSpec("json_schema", source, strict=bool(fmt.json_schema.strict))
+
+    def logprob_settings(self) -> tuple[bool, int, int | None]:
+        """(logprobs, top_logprobs, prompt_logprobs) for SamplingParams."""
+        return False, 0, None
 
     @property
     def stop_list(self) -> tuple[str, ...]:
@@ -219,6 +306,7 @@ class _SamplingFields(_Strict):
                 param="min_tokens",
                 code="invalid_value",
             )
+        logprobs, top_logprobs, prompt_lp = self.logprob_settings()
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,
@@ -231,6 +319,13 @@ class _SamplingFields(_Strict):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            logit_bias=tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items()),
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            prompt_logprobs=prompt_lp,
+            guided=self.grammar_spec(),
         )
 
 
@@ -253,12 +348,12 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     moderation: Any = None
     modalities: list[Literal["text"]] | None = None
-    # Known OpenAI fields we refuse unless they ask for the default.
     logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = None
+    """Return the logprob of each output token (from the raw model distribution)."""
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    """With logprobs: this many most likely tokens at each position."""
     functions: list[dict[str, Any]] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     audio: Any = None
     prediction: Any = None
     reasoning_effort: str | None = None
@@ -267,8 +362,10 @@ class ChatCompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
-        if self.logprobs or self.top_logprobs:
-            raise UnsupportedParameter("logprobs", "'logprobs' is not supported by this server yet.")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest(
+                "'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs", code="invalid_value"
+            )
         if self.functions:
             raise UnsupportedParameter("functions", "The legacy 'functions' parameter is not supported; use 'tools'.")
         if self.function_call not in (None, "none", "auto"):
@@ -277,8 +374,6 @@ class ChatCompletionRequest(_SamplingFields):
             )
         self._check_tools()
         self._check_tool_messages()
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise UnsupportedParameter("response_format", "Only response_format {'type': 'text'} is supported.")
         for name in ("audio", "prediction", "reasoning_effort", "verbosity", "web_search_options"):
             if getattr(self, name) is not None:
                 raise UnsupportedParameter(name)
@@ -339,6 +434,9 @@ class ChatCompletionRequest(_SamplingFields):
                     param=f"messages[{i}].tool_call_id",
                     code="invalid_value",
                 )
+
+    def logprob_settings(self) -> tuple[bool, int, int | None]:
+        return bool(self.logprobs), (self.top_logprobs or 0) if self.logprobs else 0, None
 
     def requested_max_tokens(self) -> int | None:
         """`max_completion_tokens` wins over the older `max_tokens`."""
@@ -434,7 +532,9 @@ class CompletionRequest(_SamplingFields):
     )
     best_of: Annotated[StrictInt, Field(ge=1)] | None = None
     echo: StrictBool = False
-    logprobs: StrictInt | None = None
+    """Return the prompt before the completion (with its logprobs when `logprobs` is set)."""
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
+    """Logprobs of each token and this many most likely alternatives (0..5)."""
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -448,11 +548,14 @@ class CompletionRequest(_SamplingFields):
     def _check_completion(self) -> CompletionRequest:
         if self.best_of is not None and self.best_of != self.n:
             raise UnsupportedParameter("best_of", "'best_of' other than n is not supported.")
-        if self.logprobs is not None:
-            raise UnsupportedParameter("logprobs", "'logprobs' is not supported by this server yet.")
         if self.suffix:
             raise UnsupportedParameter("suffix")
         return self
+
+    def logprob_settings(self) -> tuple[bool, int, int | None]:
+        if self.logprobs is None:
+            return False, 0, None
+        return True, self.logprobs, self.logprobs if self.echo else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) as a list of texts or token-id lists."""
@@ -462,6 +565,21 @@ class CompletionRequest(_SamplingFields):
         if all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
+
+
+def check_logit_bias(sampling: SamplingParams, vocab_size: int) -> None:
+    """Refuse logit_bias token ids outside the model's vocabulary (needs the loaded model's vocab_size).
+
+    Raises:
+        InvalidRequest: 400 naming `logit_bias`.
+    """
+    bad = sorted(t for t, _ in sampling.logit_bias if not 0 <= t < vocab_size)
+    if bad:
+        raise InvalidRequest(
+            f"logit_bias has token ids outside the vocabulary (0..{vocab_size - 1}): {bad[:5]}",
+            param="logit_bias",
+            code="invalid_value",
+        )
 
 
 # ---- responses (plain dicts: they are built per token) ----
@@ -509,8 +627,10 @@ def chat_response(
     choices: Sequence[tuple[str | None, str]],
     use: dict[str, int],
     tool_calls: Sequence[Sequence[ToolCall]] | None = None,
+    logprobs: Sequence[dict[str, Any] | None] | None = None,
 ) -> dict[str, Any]:
-    """A whole chat completion; choices are (text, finish_reason) by index, with each choice's calls if any.
+    """A whole chat completion; choices are (text, finish_reason) by index, with each choice's calls if any and
+    its logprobs (`chat_logprobs`) when asked for.
 
     With tools, pass `ToolParseResult.content` as the text, `result.finish_reason(engine_reason)` as the
     reason and `result.tool_calls` in `tool_calls[index]`.
@@ -524,7 +644,7 @@ def chat_response(
             {
                 "index": i,
                 "message": chat_message(text, tool_calls[i] if tool_calls else ()),
-                "logprobs": None,
+                "logprobs": logprobs[i] if logprobs else None,
                 "finish_reason": reason,
             }
             for i, (text, reason) in enumerate(choices)
@@ -566,15 +686,21 @@ def chat_deltas(events: Iterable[ToolEvent]) -> list[dict[str, Any]]:
 
 
 def chat_chunk(
-    rid: str, created: int, model: str, index: int, delta: dict[str, Any], finish_reason: str | None
+    rid: str,
+    created: int,
+    model: str,
+    index: int,
+    delta: dict[str, Any],
+    finish_reason: str | None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One streamed chat chunk for one choice."""
+    """One streamed chat chunk for one choice; logprobs (`chat_logprobs`) of the tokens it carries."""
     return {
         "id": rid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
 
 
@@ -584,16 +710,22 @@ def usage_chunk(rid: str, created: int, model: str, obj: str, use: dict[str, int
 
 
 def completion_response(
-    rid: str, created: int, model: str, choices: list[tuple[str, str]], use: dict[str, int]
+    rid: str,
+    created: int,
+    model: str,
+    choices: list[tuple[str, str]],
+    use: dict[str, int],
+    logprobs: Sequence[dict[str, Any] | None] | None = None,
 ) -> dict[str, Any]:
-    """A whole legacy completion; choices are (text, finish_reason) by index."""
+    """A whole legacy completion; choices are (text, finish_reason) by index, logprobs
+    (`completion_logprobs`) too."""
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
         "choices": [
-            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+            {"index": i, "text": text, "logprobs": logprobs[i] if logprobs else None, "finish_reason": reason}
             for i, (text, reason) in enumerate(choices)
         ],
         "usage": use,
@@ -601,16 +733,75 @@ def completion_response(
 
 
 def completion_chunk(
-    rid: str, created: int, model: str, index: int, text: str, finish_reason: str | None
+    rid: str,
+    created: int,
+    model: str,
+    index: int,
+    text: str,
+    finish_reason: str | None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One streamed legacy-completion chunk for one choice."""
+    """One streamed legacy-completion chunk for one choice; logprobs (`completion_logprobs`) of its tokens."""
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
+
+
+def chat_logprobs(steps: Sequence[ShownLogprob]) -> dict[str, Any]:
+    """A chat choice's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": None}.
+
+    Build it from `LogprobFormatter.format_all(delta.logprobs)`, per chunk when streaming (the entries of the
+    tokens that chunk's text came from) or for the whole message.
+    """
+    return {
+        "content": [
+            {
+                "token": step.chosen.token,
+                "logprob": step.chosen.logprob,
+                "bytes": step.chosen.bytes,
+                "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes} for t in step.top],
+            }
+            for step in steps
+        ],
+        "refusal": None,
+    }
+
+
+def completion_logprobs(steps: Sequence[ShownLogprob], text_offset: int = 0) -> dict[str, Any]:
+    """A legacy completion choice's `logprobs`: {tokens, token_logprobs, top_logprobs, text_offset}.
+
+    Args:
+        steps: One per token, in order: with `echo`, the prompt's (`LogprobFormatter.format_prompt`: the
+            first has no logprob, and it shows as null, as OpenAI's legacy API and vLLM send it, though the
+            spec's schema says number) and then the completion's.
+        text_offset: Characters of the choice's text before the first of these tokens (when streaming, the
+            text already sent). Offsets then advance by each token's text; a special token, or one that is
+            part of a UTF-8 character, advances by nothing.
+    """
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    pos = text_offset
+    for step in steps:
+        chosen = step.chosen
+        offsets.append(pos)
+        tokens.append(chosen.token)
+        token_logprobs.append(chosen.logprob)
+        if chosen.logprob is None:
+            top.append(None)
+        else:
+            # OpenAI's dict holds the chosen token too: at most logprobs + 1 entries.
+            alternatives = {t.token: t.logprob for t in step.top if t.logprob is not None}
+            alternatives.setdefault(chosen.token, chosen.logprob)
+            top.append(alternatives)
+        if not chosen.special and not chosen.token.startswith("bytes:"):
+            pos += len(chosen.token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
 def model_card(model_id: str, created: int, max_model_len: int | None = None) -> dict[str, Any]:

@@ -38,6 +38,7 @@ __all__ = [
     "ChatMessage",
     "HFTokenizer",
     "MistralCommonTokenizer",
+    "TokenVocab",
     "Tokenizer",
     "TokenizerMode",
     "load_tokenizer",
@@ -59,6 +60,23 @@ _TOOL_CALLS_TOKEN = "[TOOL_CALLS]"
 
 # Files that mark a Mistral-format tokenizer, most specific first.
 _MISTRAL_FILES = ("tekken.json", "tokenizer.model.v7m1", "tokenizer.model.v7", "tokenizer.model.v3")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenVocab:
+    """What every token id stands for as bytes: for grammars (xgrammar's RAW vocabulary) and logprobs.
+
+    `pieces[i]` is the text token i adds, as UTF-8 bytes, with the tokenizer's encodings undone: byte-level
+    BPE's byte-to-unicode map, SentencePiece's "\u2581" for a space and its <0xNN> byte-fallback tokens. A
+    piece may be part of a UTF-8 character. Special (control) tokens hold their written name, such as
+    b"</s>", but never appear in text: `special` lists them.
+    """
+
+    pieces: tuple[bytes, ...]
+    special: frozenset[int]
+
+    def __len__(self) -> int:
+        return len(self.pieces)
 
 
 class Tokenizer(Protocol):
@@ -92,6 +110,9 @@ class Tokenizer(Protocol):
 
     def byte_table(self) -> ByteTable | None:
         """Each token id's bytes, for fast incremental detokenization; None when this tokenizer's kind is unknown."""
+
+    def vocab_for_grammar(self) -> TokenVocab:
+        """Every token id's bytes and the special ids (computed once, then cached)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,24 +168,6 @@ def _checked(tokenizer: Tokenizer, table: ByteTable) -> ByteTable | None:
     return table
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map, used by byte-level BPE vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
-
-
-def _sentencepiece_piece(piece: str) -> bytes:
-    """A SentencePiece piece's bytes: <0xNN> byte-fallback pieces, and U+2581 for a space."""
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-        return bytes([int(piece[3:5], 16)])
-    return piece.replace("\u2581", " ").encode()
 
 
 class HFTokenizer:
@@ -207,6 +210,12 @@ class HFTokenizer:
         # A template that takes tools but teaches a call format no parser here reads (Llama 3.1's bare JSON,
         # for one): use the documented fallback instead, so the calls it asks for can be parsed.
         return "fallback", "hermes", None
+        self._vocab: TokenVocab | None = None
+
+    def vocab_for_grammar(self) -> TokenVocab:
+        if self._vocab is None:
+            self._vocab = _hf_vocab(self._tok)
+        return self._vocab
 
     def _adds_bos(self) -> bool:
         ids = self._tok.encode("a", add_special_tokens=True)
@@ -280,14 +289,14 @@ class HFTokenizer:
         size = max(len(self._tok), backend.get_vocab_size(with_added_tokens=True))
         pieces: list[bytes] = [b""] * size
         if kinds == {"ByteLevel"}:
-            byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+            byte_of = _byte_level_decoder()
 
             def piece_bytes(piece: str) -> bytes:
                 return bytes(byte_of[c] for c in piece) if all(c in byte_of for c in piece) else piece.encode()
 
             strip = False
         elif kinds <= {"Replace", "ByteFallback", "Fuse", "Strip"} and "Replace" in kinds:
-            piece_bytes = _sentencepiece_piece
+            piece_bytes = _sentencepiece_bytes
             strip = any(step.get("type") == "Strip" and step.get("start") for step in steps)
         else:
             return None
@@ -320,12 +329,17 @@ class MistralCommonTokenizer:
             return int(self._inner.get_special_token(piece))
         except Exception:  # tokenizers before v2 have no tool tokens
             return None
+        self._vocab: TokenVocab | None = None
 
     def encode(self, text: str) -> list[int]:
         return list(self._inner.encode(text, bos=True, eos=False))
 
     def encode_fragment(self, text: str) -> list[int]:
         return list(self._inner.encode(text, bos=False, eos=False))
+    def vocab_for_grammar(self) -> TokenVocab:
+        if self._vocab is None:
+            self._vocab = _mistral_vocab(self._inner)
+        return self._vocab
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._inner.decode(list(token_ids)))
@@ -395,8 +409,76 @@ class MistralCommonTokenizer:
             elif sp.is_unknown(i):
                 pieces.append(" \u2047 ".encode())
             else:
-                pieces.append(_sentencepiece_piece(sp.id_to_piece(i)))
+                pieces.append(_sentencepiece_bytes(sp.id_to_piece(i)))
         return _checked(self, ByteTable(tuple(pieces), strip_first_space=True))
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte-to-unicode map (byte-level BPE writes byte b as this character)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars = {b: chr(b) for b in kept}
+    shifted = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + shifted)
+            shifted += 1
+    return {c: b for b, c in chars.items()}
+
+
+def _sentencepiece_bytes(piece: str) -> bytes:
+    """A SentencePiece piece as bytes: <0xNN> is one byte, "\u2581" is a space."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            pass
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
+def _hf_vocab(tok: Any) -> TokenVocab:
+    """Decode a Hugging Face vocabulary: byte-level BPE, SentencePiece byte-fallback or raw strings."""
+    vocab: dict[str, int] = tok.get_vocab()
+    size = max(len(vocab), max(vocab.values()) + 1)
+    names = [""] * size
+    for name, idx in vocab.items():
+        names[idx] = name
+    special = set(int(i) for i in tok.all_special_ids)
+    for idx, added in getattr(tok, "added_tokens_decoder", {}).items():
+        if getattr(added, "special", False):
+            special.add(int(idx))
+    byte_level = _byte_level_decoder()
+    if "<0x0A>" in vocab:
+        kind = "sentencepiece"
+    elif all(ch in byte_level for ch in "".join(n for i, n in enumerate(names) if i not in special)):
+        kind = "byte_level"
+    else:
+        kind = "raw"
+
+    def decode(name: str) -> bytes:
+        if kind == "sentencepiece":
+            return _sentencepiece_bytes(name)
+        if kind == "byte_level":
+            return bytes(byte_level[ch] for ch in name)
+        return name.encode("utf-8")
+
+    pieces = tuple(name.encode("utf-8") if i in special else decode(name) for i, name in enumerate(names))
+    return TokenVocab(pieces, frozenset(special))
+
+
+def _mistral_vocab(inner: Any) -> TokenVocab:
+    """Decode a mistral-common vocabulary: Tekken (tiktoken bytes) or SentencePiece (byte fallback)."""
+    special = frozenset(int(i) for i in inner.special_ids)
+    n = int(inner.n_words)
+    if hasattr(inner, "id_to_byte_piece"):  # Tekken
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+        pieces = tuple(bytes(inner.id_to_byte_piece(i, SpecialTokenPolicy.KEEP)) for i in range(n))
+        return TokenVocab(pieces, special)
+    names = inner.vocab()
+    unk = int(inner.unk_id) if getattr(inner, "unk_id", -1) is not None else -1
+    special = special | ({unk} if unk >= 0 else set())
+    pieces = tuple(names[i].encode("utf-8") if i in special else _sentencepiece_bytes(names[i]) for i in range(n))
+    return TokenVocab(pieces, special)
 
 
 def find_mistral_tokenizer_file(path: str | Path) -> Path | None:

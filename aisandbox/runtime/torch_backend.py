@@ -35,7 +35,10 @@ from typing import Any
 
 import torch
 
+from aisandbox.errors import InvalidRequest
 from aisandbox.runtime.engine import BackendHost
+from aisandbox.runtime.guided import compile_grammar
+from aisandbox.runtime.sampling import Sampler, SamplerRow, StepResult, prompt_logprobs
 from aisandbox.runtime.tokenizer import Tokenizer, load_tokenizer
 from aisandbox.runtime.types import (
     EngineStats,
@@ -44,6 +47,7 @@ from aisandbox.runtime.types import (
     ModelInfo,
     SamplingParams,
     TokenDelta,
+    TokenLogprob,
 )
 from aisandbox.settings import ServerSettings
 
@@ -138,6 +142,12 @@ class _Seq:
     generator: torch.Generator | None = None
     output: list[int] = field(default_factory=list)
     start_col: int = 0  # first KV column of this row
+    row: SamplerRow | None = None
+    """Sampling state (counts slot, grammar matcher, generator); made at the first sample."""
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    """Computed at prefill for echo requests; sent with the first delta."""
+    failed: str | None = None
+    """Why the sequence cannot run (its grammar did not compile); it ends at its first token."""
 
     @property
     def sampling(self) -> SamplingParams:
@@ -403,7 +413,7 @@ class TorchBackend:
         self._info = ModelInfo(
             max_model_len=max_len, eos_token_ids=tuple(sorted(eos)), vocab_size=vocab, max_running=cfg.max_batch_size
         )
-        self._eos = torch.tensor(sorted(eos), dtype=torch.long, device=self._device)
+        self._sampler = Sampler(vocab, sorted(eos), self._device)
         heads = int(text_cfg.num_attention_heads)
         kv_heads = int(getattr(text_cfg, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads)
@@ -476,23 +486,32 @@ class TorchBackend:
             group.append(waiting.popleft())
         return group
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Run the model on the rows and columns set in self._kv; return last-position logits [rows, vocab]."""
+    def _forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, all_positions: bool = False
+    ) -> torch.Tensor:
+        """Run the model on the rows and columns set in self._kv.
+
+        Returns the last position's logits [rows, vocab], or with `all_positions` every query position's
+        [rows, q, vocab] (for prompt logprobs; only asked for groups that hold such a request).
+        """
         out = self._model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if all_positions else 1,
             **{self._cache_kw: self._kv},
         )
-        return out.logits[:, -1, :].float()
+        logits: torch.Tensor = out.logits
+        return logits.float() if all_positions else logits[:, -1, :].float()
 
     def _prefill(self, group: list[_Seq], running: list[_Seq], out: list[tuple[str, TokenDelta]]) -> None:
         kv, dev = self._kv, self._device
         prompts = [s.request.prompt_token_ids for s in group]
         lengths = [len(p) for p in prompts]
-        hits = [self._prefix.lookup(p) for p in prompts]  # (cached tokens, their KV blocks) per row
+        # (cached tokens, their KV blocks) per row; prompt logprobs need every prompt position run.
+        echo = [s.sampling.prompt_logprobs is not None for s in group]
+        hits = [(0, []) if e else self._prefix.lookup(p) for p, e in zip(prompts, echo, strict=True)]
         cached = [h[0] for h in hits]
         width = max(n - c for n, c in zip(lengths, cached, strict=True))  # query tokens to run
         span = max(lengths)  # columns the group occupies
@@ -533,9 +552,16 @@ class TorchBackend:
         # Rows with fewer query tokens than the widest must not overwrite their cached prefix.
         kv.write_mask = valid.to(dev) if any(cached) else None
         try:
-            logits = self._forward(ids.to(dev), pos.to(dev), mask[:, None].to(dev))
+            logits = self._forward(ids.to(dev), pos.to(dev), mask[:, None].to(dev), all_positions=any(echo))
         finally:
             kv.write_mask = None
+        if any(echo):
+            for i, seq in enumerate(group):
+                if echo[i]:
+                    n = lengths[i]
+                    top = seq.sampling.prompt_logprobs or 0
+                    seq.prompt_logprobs = prompt_logprobs(logits[i, width - n :], prompts[i], top)
+            logits = logits[:, -1, :]
         for i, (seq, c) in enumerate(zip(group, cached, strict=True)):
             self._prefix.store(prompts[i], c, lambda a, b, row=first_row + i, start=seq.start_col: kv.read_block(
                 row, start + a, start + b
@@ -574,6 +600,8 @@ class TorchBackend:
         self._col -= lo
 
     def _remove_row(self, running: list[_Seq], row: int) -> None:
+        if running[row].row is not None:
+            self._sampler.release(running[row].row)  # type: ignore[arg-type]
         last = len(running) - 1
         if row != last:
             moved = running[last]
@@ -589,74 +617,76 @@ class TorchBackend:
         out: list[tuple[str, TokenDelta]],
         first_row: int,
     ) -> None:
-        tokens = self._sample(seqs, logits)
+        step = self._sample(seqs, logits)
         finished: list[_Seq] = []
         info = self._info
         assert info is not None
-        for seq, token in zip(seqs, tokens, strict=True):
+        for i, (seq, token) in enumerate(zip(seqs, step.tokens, strict=True)):
             seq.output.append(token)
             sp = seq.sampling
             n = len(seq.output)
             reason: FinishReason | None = None
             stop_token: int | None = None
-            if n >= sp.min_tokens and (
+            error: str | None = None
+            if seq.failed is not None:
+                reason, error = FinishReason.ABORT, seq.failed
+            elif step.grammar_rejected[i]:
+                reason, error = FinishReason.ABORT, f"the grammar refused the sampled token {token}"
+            elif step.grammar_done[i]:
+                # The grammar is complete and accepted its stop token (EOS): the end even with ignore_eos.
+                reason, stop_token = FinishReason.STOP, token
+            elif n >= sp.min_tokens and (
                 (not sp.ignore_eos and token in info.eos_token_ids) or token in sp.stop_token_ids
             ):
                 reason, stop_token = FinishReason.STOP, token
             elif n >= sp.max_tokens or len(seq.request.prompt_token_ids) + n >= info.max_model_len:
                 reason = FinishReason.LENGTH
-            out.append((seq.request.request_id, TokenDelta((token,), reason, stop_token)))
+            lp = step.logprobs[i]
+            delta = TokenDelta(
+                (token,),
+                reason,
+                stop_token,
+                error=error,
+                logprobs=None if lp is None else (lp,),
+                prompt_logprobs=seq.prompt_logprobs,
+            )
+            seq.prompt_logprobs = None
+            out.append((seq.request.request_id, delta))
             if reason is not None:
                 finished.append(seq)
         for seq in finished:
             self._remove_row(running, running.index(seq))
 
-    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
-        """Pick one token per row, honouring each request's own sampling settings."""
-        info = self._info
-        assert info is not None
-        for i, seq in enumerate(seqs):
-            sp = seq.sampling
-            if len(seq.output) < sp.min_tokens:
-                banned = list(sp.stop_token_ids) + ([] if sp.ignore_eos else list(info.eos_token_ids))
-                if banned:
-                    logits[i, banned] = -float("inf")
-            elif sp.ignore_eos:
-                logits[i, self._eos] = -float("inf")
-            if sp.repetition_penalty != 1.0:
-                seen = torch.tensor(list(seq.request.prompt_token_ids) + seq.output, device=logits.device).unique()
-                scores = logits[i, seen]
-                logits[i, seen] = torch.where(
-                    scores > 0, scores / sp.repetition_penalty, scores * sp.repetition_penalty
-                )
-        picked = logits.argmax(dim=-1).tolist()
-        for i, seq in enumerate(seqs):
-            if not seq.sampling.greedy:
-                picked[i] = _sample_row(logits[i], seq.sampling, seq.generator)
-        return [int(t) for t in picked]
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> StepResult:
+        """Pick one token per row, each with its request's own settings, in one batched pass."""
+        rows = []
+        for seq in seqs:
+            if seq.row is None:
+                sp = seq.sampling
+                if sp.guided is not None and sp.grammar is None:
+                    sp = self._compile_late(seq)
+                seq.row = self._sampler.new_row(sp, seq.request.prompt_token_ids, seq.generator)
+            rows.append(seq.row)
+        return self._sampler.sample(rows, logits)
+
+    def _compile_late(self, seq: _Seq) -> SamplingParams:
+        """Compile a grammar the request path left uncompiled, rather than ignore it (this stalls the batch)."""
+        sp = seq.sampling
+        assert sp.guided is not None
+        log.warning("request %s reached the engine with an uncompiled grammar", seq.request.request_id)
+        try:
+            return replace(sp, grammar=compile_grammar(sp.guided, self._tokenizer, self._info))
+        except InvalidRequest as exc:
+            seq.failed = exc.message
+            return sp
 
 
 def _make_generator(sp: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """The sequence's own random stream (on the CPU whatever the device: it draws one uniform per token)."""
     if sp.greedy:
         return None
-    gen = torch.Generator(device=device)
+    gen = torch.Generator()
     gen.manual_seed(sp.seed if sp.seed is not None else random.randrange(2**63))
     return gen
 
 
-def _sample_row(logits: torch.Tensor, sp: SamplingParams, generator: torch.Generator | None) -> int:
-    """Temperature, top-k, top-p and min-p, then one multinomial draw from the row's own generator."""
-    logits = logits / sp.temperature
-    if sp.top_k > 0 and sp.top_k < logits.numel():
-        kth = torch.topk(logits, sp.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if sp.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = sorted_probs.cumsum(0)
-        drop = cumulative - sorted_probs > sp.top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    if sp.min_p > 0.0:
-        probs = probs.masked_fill(probs < sp.min_p * probs.max(), 0.0)
-    return int(torch.multinomial(probs, 1, generator=generator).item())

@@ -27,13 +27,23 @@ This is the only runtime module that imports tensorrt_llm, and only inside `_Trt
 
 tensorrt_llm names used, checked against the v1.2.x source: `tensorrt_llm.__version__` (version.py);
 `_tensorrt_engine.LLM` (= llmapi/llm.py `_TrtLLM`; its kwargs are TrtLlmArgs fields, llmapi/llm_args.py);
-`LLM.generate_async`, `LLM.get_stats_async`, `LLM.shutdown` (llmapi/llm.py); `llmapi.SamplingParams`
-(sampling_params.py); `llmapi.KvCacheConfig`, `llmapi.SchedulerConfig`, `llmapi.CapacitySchedulerPolicy`
-(llmapi/llm_args.py); `RequestOutput.abort`, async iteration, `outputs[0].token_ids_diff / finish_reason /
-stop_reason` (executor/result.py). Read defensively through getattr, as they are private: `LLM._check_health`
-(llmapi/llm.py, in later 1.2.x), `LLM._executor`, `GenerationExecutor.is_shutdown()` (executor/executor.py),
-`GenerationExecutorProxy.mpi_futures` and `._error_queue` (executor/proxy.py, where `mpi_done_callback` puts a
-dead worker's exception and nothing else notices it).
+`LLM.generate_async`, `LLM.get_stats_async`, `LLM.shutdown` (llmapi/llm.py); `llmapi.SamplingParams` and
+`llmapi.GuidedDecodingParams` (sampling_params.py); `llmapi.KvCacheConfig`, `llmapi.SchedulerConfig`,
+`llmapi.CapacitySchedulerPolicy` (llmapi/llm_args.py); `RequestOutput.abort`, async iteration,
+`outputs[0].token_ids_diff / finish_reason / stop_reason / logprobs_diff` (executor/result.py). Read
+defensively through getattr, as they are private: `LLM._check_health` (llmapi/llm.py, in later 1.2.x),
+`LLM._executor`, `GenerationExecutor.is_shutdown()` (executor/executor.py), `GenerationExecutorProxy.mpi_futures`
+and `._error_queue` (executor/proxy.py, where `mpi_done_callback` puts a dead worker's exception and nothing
+else notices it).
+
+What TensorRT-LLM 1.2 cannot do on the TensorRT engine path (so the torch backend differs there):
+* logprobs, even top-1, without `LLM(gather_generation_logits=True)`: llmapi/llm.py `_check_arguments` raises
+  ValueError; `sampling_kwargs` turns that into a 400 first.
+* prompt logprobs (completions `echo` + `logprobs`) without an engine built with `gather_context_logits`
+  (same check); and even then executor/result.py `compute_logprobs` returns only the top-k of each prompt
+  position, without the prompt token's own logprob when it is not among them.
+* `response_format.json_schema.strict: false`: GuidedDecodingParams (sampling_params.py) has no strict flag,
+  so schemas are always compiled strictly.
 """
 
 from __future__ import annotations
@@ -75,6 +85,7 @@ from aisandbox.runtime.types import (
     ModelInfo,
     SamplingParams,
     TokenDelta,
+    TokenLogprob,
 )
 from aisandbox.settings import ServerSettings
 
@@ -85,10 +96,12 @@ __all__ = [
     "TrtllmEngineConfig",
     "check_engine_dir",
     "final_delta",
+    "guided_decoding_enabled",
     "llm_runtime_kwargs",
     "parse_iteration_stats",
     "executor_health",
     "sampling_kwargs",
+    "token_logprobs",
     "uint64_seed",
     "visible_gpus",
 ]
@@ -110,14 +123,35 @@ def uint64_seed(seed: int) -> int:
     return seed % _UINT64
 
 
-def sampling_kwargs(sp: SamplingParams, eos_token_ids: Sequence[int], seed: int) -> dict[str, Any]:
+def sampling_kwargs(
+    sp: SamplingParams,
+    eos_token_ids: Sequence[int],
+    seed: int,
+    *,
+    vocab_size: int | None = None,
+    generation_logits: bool = False,
+    context_logits: bool = False,
+    guided: bool = True,
+) -> dict[str, Any]:
     """Keyword arguments of tensorrt_llm's SamplingParams for one of our sequences.
+
+    Plain data, except `embedding_bias` (a float32 torch tensor, as the executor takes it) and
+    `guided_decoding` (a dict of GuidedDecodingParams keywords, turned into one by the runner).
 
     Args:
         sp: Our sampling parameters (validated by the HTTP layer).
         eos_token_ids: The tokenizer's EOS ids; the first is the engine's end_id, others become stop tokens.
         seed: The seed to use when the request has none (the engine's default seed is 0 for every request,
             which would make sampled completions of one prompt identical).
+        vocab_size: The engine's (padded) vocabulary: the length of the logit_bias embedding_bias tensor.
+        generation_logits: The LLM was built with `gather_generation_logits=True`; llmapi/llm.py
+            `_check_arguments` refuses `logprobs` (even top-1) on the TensorRT backend without it.
+        context_logits: The engine was built with `gather_context_logits`; prompt logprobs need it.
+        guided: The LLM runs with `guided_decoding_backend='xgrammar'` (`guided_decoding_enabled`).
+
+    Raises:
+        InvalidRequest: logprobs, prompt logprobs or a grammar on an engine that cannot serve them (a 400 that
+            says so).
     """
     if not eos_token_ids:
         raise ValueError("the tokenizer declares no EOS token")
@@ -151,13 +185,116 @@ def sampling_kwargs(sp: SamplingParams, eos_token_ids: Sequence[int], seed: int)
         kwargs["min_p"] = sp.min_p
     if sp.repetition_penalty != 1.0:
         kwargs["repetition_penalty"] = sp.repetition_penalty
+    # OpenAI's penalties, over generated tokens (tensorrt_llm's penalty layer applies them as OpenAI does).
+    if sp.frequency_penalty:
+        kwargs["frequency_penalty"] = sp.frequency_penalty
+    if sp.presence_penalty:
+        kwargs["presence_penalty"] = sp.presence_penalty
+    if sp.logit_bias:
+        kwargs["embedding_bias"] = _embedding_bias(sp.logit_bias, vocab_size)
+    if sp.logprobs:
+        if not generation_logits:
+            raise InvalidRequest(
+                "This TensorRT-LLM engine was not started with gather_generation_logits, so it cannot return "
+                "logprobs; serve it with generation logits enabled.",
+                param="logprobs",
+                code="unsupported_parameter",
+            )
+        # tensorrt_llm treats logprobs=0 as off; 1 returns the chosen token's logprob (and the top one).
+        kwargs["logprobs"] = max(1, sp.top_logprobs)
+    if sp.prompt_logprobs is not None:
+        if not context_logits:
+            raise InvalidRequest(
+                "This TensorRT-LLM engine was not built with gather_context_logits, so it cannot return the "
+                "prompt's logprobs (echo with logprobs); rebuild it with context logits.",
+                param="echo",
+                code="unsupported_parameter",
+            )
+        kwargs["prompt_logprobs"] = max(1, sp.prompt_logprobs)
+    if sp.guided is not None:
+        if not guided:
+            raise InvalidRequest(
+                "This TensorRT-LLM engine folder has no Hugging Face tokenizer, which tensorrt_llm needs for "
+                "guided decoding (response_format, guided_regex, guided_grammar).",
+                param="response_format" if sp.guided.kind.startswith("json") else _GUIDED_PARAM[sp.guided.kind],
+                code="unsupported_parameter",
+            )
+        kwargs["guided_decoding"] = guided_decoding_kwargs(sp)
     return kwargs
 
 
-def llm_runtime_kwargs(engine_dir: Path, manifest: EngineManifest) -> dict[str, Any]:
-    """Keyword arguments of `_tensorrt_engine.LLM` for serving; `kv_cache_config` holds KvCacheConfig's."""
+def guided_decoding_enabled(engine_dir: Path) -> bool:
+    """Whether the LLM can run xgrammar: it builds the grammar vocabulary from the engine folder's Hugging Face
+    tokenizer (llmapi/tokenizer.py `_xgrammar_tokenizer_info`), and fails to start without one."""
+    return (engine_dir / "tokenizer.json").is_file() or (engine_dir / "tokenizer_config.json").is_file()
+
+
+_GUIDED_PARAM = {"regex": "guided_regex", "ebnf": "guided_grammar"}
+
+
+def guided_decoding_kwargs(sp: SamplingParams) -> dict[str, Any]:
+    """Keywords of tensorrt_llm's GuidedDecodingParams (sampling_params.py) for our grammar spec.
+
+    The executor compiles the grammar with xgrammar itself (`LLM(guided_decoding_backend='xgrammar')`): JSON
+    schemas always in xgrammar's strict mode, since GuidedDecodingParams has no strict flag.
+    """
+    spec = sp.guided
+    if spec is None:
+        return {}
+    if spec.kind == "json_object":
+        return {"json_object": True}
+    if spec.kind == "json_schema":
+        return {"json": spec.source}
+    if spec.kind == "regex":
+        return {"regex": spec.source}
+    return {"grammar": spec.source}
+
+
+def _embedding_bias(logit_bias: Sequence[tuple[int, float]], vocab_size: int | None) -> Any:
+    """OpenAI's logit_bias as tensorrt_llm's embedding_bias: a float32 [vocab] tensor added to the logits."""
+    if not vocab_size:
+        raise ValueError("logit_bias on the trtllm backend needs the engine's vocab_size")
+    import torch
+
+    bias = torch.zeros(vocab_size, dtype=torch.float32)
+    for token_id, value in logit_bias:
+        if 0 <= token_id < vocab_size:
+            bias[token_id] += value
+    return bias
+
+
+def token_logprobs(
+    logprobs_diff: Sequence[Mapping[int, Any]], token_ids: Sequence[int], top: int
+) -> tuple[TokenLogprob, ...]:
+    """Our TokenLogprobs from tensorrt_llm's `CompletionOutput.logprobs_diff`.
+
+    Each entry is a dict {token id: Logprob(logprob, rank)} holding the top-k and the sampled token
+    (executor/result.py `compute_logprobs`: log_softmax of the gathered generation logits, that is the raw
+    model distribution, as the torch backend reports it).
+    """
+    out = []
+    for entry, token in zip(logprobs_diff, token_ids, strict=False):
+        ranked = sorted(entry.items(), key=lambda kv: getattr(kv[1], "rank", None) or 1 << 30)
+        chosen = entry.get(token)
+        value = float(getattr(chosen, "logprob", chosen)) if chosen is not None else float("-inf")
+        alternatives = tuple((int(t), float(getattr(lp, "logprob", lp))) for t, lp in ranked[:top])
+        out.append(TokenLogprob(int(token), value, alternatives))
+    return tuple(out)
+
+
+def llm_runtime_kwargs(
+    engine_dir: Path, manifest: EngineManifest, *, gather_generation_logits: bool = False
+) -> dict[str, Any]:
+    """Keyword arguments of `_tensorrt_engine.LLM` for serving; `kv_cache_config` holds KvCacheConfig's.
+
+    Guided decoding is on wherever it can be (`guided_decoding_enabled`): `guided_decoding_backend='xgrammar'`
+    makes the LLM build xgrammar's tokenizer info from the engine folder's Hugging Face tokenizer (llmapi/llm.py
+    `_TrtLLM._build_model`), and requests then carry GuidedDecodingParams. `gather_generation_logits` (a
+    runtime ExecutorConfig flag in 1.2, no rebuild) lets requests ask for logprobs; it costs a logits copy per
+    step for those requests.
+    """
     profile = manifest.profile
-    return {
+    kwargs: dict[str, Any] = {
         "model": str(engine_dir),
         "tensor_parallel_size": profile.tp_size,
         "max_batch_size": profile.max_batch_size,
@@ -170,6 +307,11 @@ def llm_runtime_kwargs(engine_dir: Path, manifest: EngineManifest) -> dict[str, 
         # CapacitySchedulerPolicy member name; see GpuProfile.scheduler_policy for the trade-off.
         "scheduler_config": {"capacity_scheduler_policy": profile.scheduler_policy.upper()},
     }
+    if guided_decoding_enabled(engine_dir):
+        kwargs["guided_decoding_backend"] = "xgrammar"
+    if gather_generation_logits:
+        kwargs["gather_generation_logits"] = True
+    return kwargs
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,10 +409,11 @@ class _TrtllmRunner:
             raise EngineIncompatible(TRTLLM_MISSING_MESSAGE) from exc
         check_trtllm_version(str(tensorrt_llm.__version__))
         from tensorrt_llm._tensorrt_engine import LLM
-        from tensorrt_llm.llmapi import CapacitySchedulerPolicy, KvCacheConfig, SchedulerConfig
+        from tensorrt_llm.llmapi import CapacitySchedulerPolicy, GuidedDecodingParams, KvCacheConfig, SchedulerConfig
         from tensorrt_llm.llmapi import SamplingParams as TrtllmSamplingParams
 
         self._sampling_params = TrtllmSamplingParams
+        self._guided = GuidedDecodingParams
         kwargs = llm_runtime_kwargs(engine_dir, manifest)
         kv_cache_config = KvCacheConfig(**kwargs.pop("kv_cache_config"))
         policy = kwargs.pop("scheduler_config")["capacity_scheduler_policy"]
@@ -278,6 +421,8 @@ class _TrtllmRunner:
         self._llm = LLM(kv_cache_config=kv_cache_config, scheduler_config=scheduler_config, **kwargs)
 
     def generate(self, prompt_token_ids: list[int], sampling: dict[str, Any]) -> _RequestOutput:
+        if "guided_decoding" in sampling:
+            sampling = {**sampling, "guided_decoding": self._guided(**sampling["guided_decoding"])}
         params = self._sampling_params(**sampling)
         output: _RequestOutput = self._llm.generate_async(prompt_token_ids, sampling_params=params, streaming=True)
         return output
@@ -651,7 +796,13 @@ class TrtllmBackend:
 
     def add(self, request: GenerationRequest) -> None:
         assert self._runner is not None and self._info is not None  # admitted implies READY
-        kwargs = sampling_kwargs(request.sampling, self._info.eos_token_ids, secrets.randbits(63))
+        kwargs = sampling_kwargs(
+            request.sampling,
+            self._info.eos_token_ids,
+            secrets.randbits(63),
+            vocab_size=self._info.vocab_size,
+            guided=guided_decoding_enabled(self.config.engine_dir),
+        )
         try:
             output = self._runner.generate(list(request.prompt_token_ids), kwargs)
         except ValueError as exc:  # tensorrt_llm's own argument checks

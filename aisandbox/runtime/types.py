@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    from aisandbox.runtime.guided import CompiledGrammar
     from aisandbox.runtime.tool_calling import ToolPlan
     from aisandbox.runtime.tool_parsers import ToolEvent
     from aisandbox.runtime.tools import ToolCall
@@ -16,11 +17,14 @@ __all__ = [
     "EngineStats",
     "FinishReason",
     "GenerationRequest",
+    "GrammarKind",
+    "GrammarSpec",
     "Health",
     "ModelInfo",
     "SamplingParams",
     "TextDelta",
     "TokenDelta",
+    "TokenLogprob",
 ]
 
 
@@ -35,6 +39,20 @@ class FinishReason(enum.StrEnum):
     """Aborted by the client or by the server."""
     TOOL_CALLS = "tool_calls"
     """The model called tools (set by the tool-call text layer from STOP, never by a backend)."""
+
+
+GrammarKind = Literal["json_object", "json_schema", "regex", "ebnf"]
+
+
+@dataclass(frozen=True, slots=True)
+class GrammarSpec:
+    """A constraint on the output text, as the client gave it; the key of the compiled-grammar cache."""
+
+    kind: GrammarKind
+    source: str = ""
+    """The JSON schema (canonical JSON text), the regex or the EBNF grammar; empty for json_object."""
+    strict: bool = True
+    """json_schema: refuse properties the schema does not list (OpenAI's `strict`; xgrammar's strict_mode)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +75,23 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     """EOS, stop tokens and stop strings are ignored until this many tokens exist."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: logits -= frequency_penalty * count, over the generated tokens only (-2..2)."""
+    presence_penalty: float = 0.0
+    """OpenAI's: logits -= presence_penalty * (count > 0), over the generated tokens only (-2..2)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias -100..100) added to that token's logit; ids checked against the vocab by the caller."""
+    logprobs: bool = False
+    """Return the chosen token's logprob (from the raw model distribution) with every token."""
+    top_logprobs: int = 0
+    """With logprobs: also the most likely tokens of each step, 0..20."""
+    prompt_logprobs: int | None = None
+    """Completions `echo` with `logprobs`: logprobs of the prompt tokens, with this many alternatives each."""
+    guided: GrammarSpec | None = None
+    """The grammar the output must follow, as the client asked for it (response_format and extensions)."""
+    grammar: CompiledGrammar | None = None
+    """`guided`, compiled for this model's tokenizer (aisandbox.runtime.guided.compile_grammar) before submit:
+    the engine thread never compiles. A backend that guides itself (trtllm) uses `guided` instead."""
 
     @property
     def greedy(self) -> bool:
@@ -76,6 +111,19 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """The logprob of one token a sequence took, with the most likely alternatives at that step.
+
+    Token ids only: `aisandbox.runtime.logprobs.LogprobFormatter` turns them into OpenAI's token strings.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, logprob), most likely first; as many as the request's top_logprobs."""
+
+
+@dataclass(frozen=True, slots=True)
 class TokenDelta:
     """New tokens of one sequence, as a backend streams them."""
 
@@ -86,6 +134,24 @@ class TokenDelta:
     """The EOS or stop token that ended the sequence: the last of token_ids, counted but never shown as text."""
     error: str | None = None
     """Set when the engine failed this request; finish_reason is ABORT then."""
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """One per token of token_ids (the stop token included) when the request asked for logprobs."""
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    """On the first delta of a request with prompt_logprobs: one per prompt token, None for the first."""
+
+    def merge(self, later: TokenDelta) -> TokenDelta:
+        """This delta followed by a later one of the same sequence, as one (for a consumer that fell behind)."""
+        logprobs = self.logprobs
+        if later.logprobs is not None:
+            logprobs = later.logprobs if logprobs is None else logprobs + later.logprobs
+        return TokenDelta(
+            self.token_ids + later.token_ids,
+            later.finish_reason,
+            later.stop_token_id,
+            later.error,
+            logprobs,
+            self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,8 +22,9 @@ from aisandbox.build_engine.trt_build import (
     llm_build_kwargs,
     quant_config_kwargs,
 )
-from aisandbox.runtime.trtllm_backend import llm_runtime_kwargs, sampling_kwargs
-from aisandbox.runtime.types import SamplingParams
+from aisandbox.errors import InvalidRequest
+from aisandbox.runtime.trtllm_backend import llm_runtime_kwargs, sampling_kwargs, token_logprobs
+from aisandbox.runtime.types import GrammarSpec, SamplingParams
 from tests.conftest import shared_file
 
 SAMPLING_PARAMS = set(
@@ -78,6 +79,7 @@ SAMPLING_PARAMS = set(
         "spaces_between_special_tokens",
     ]
 )
+GUIDED_DECODING_PARAMS = {"json", "regex", "grammar", "json_object", "structural_tag"}  # sampling_params.py
 BUILD_CONFIG = set(
     [
         "max_input_len",
@@ -262,6 +264,7 @@ def test_the_snapshot_matches_the_shared_api_record() -> None:
         return
     classes = json.loads(record.read_text())["classes"]
     assert set(classes["SamplingParams"]["fields"]) == SAMPLING_PARAMS
+    assert set(classes["GuidedDecodingParams"]["fields"]) == GUIDED_DECODING_PARAMS
     assert set(classes["BuildConfig"]["fields"]) == BUILD_CONFIG
     assert set(classes["QuantConfig"]["fields"]) == QUANT_CONFIG
     assert set(classes["QuantAlgo"]["members"]) == QUANT_ALGO
@@ -461,3 +464,98 @@ def test_a_seed_outside_int64_is_a_400_naming_seed(seed: int) -> None:
     error = from_validation_error(info.value)
     assert isinstance(error, InvalidRequest) and error.param == "seed"
     assert ChatCompletionRequest.model_validate({**body, "seed": -1}).seed == -1  # negative int64: fine, mapped later
+
+
+def test_penalties_logit_bias_and_logprobs_use_sampling_params_names() -> None:
+    sp = SamplingParams(
+        max_tokens=8,
+        frequency_penalty=0.5,
+        presence_penalty=-1.0,
+        logit_bias=((3, -100.0), (7, 2.5)),
+        logprobs=True,
+        top_logprobs=4,
+    )
+    kwargs = sampling_kwargs(sp, (2,), seed=1, vocab_size=16, generation_logits=True)
+    assert set(kwargs) <= SAMPLING_PARAMS
+    assert (kwargs["frequency_penalty"], kwargs["presence_penalty"], kwargs["logprobs"]) == (0.5, -1.0, 4)
+    bias = kwargs["embedding_bias"]
+    assert bias.shape == (16,) and str(bias.dtype) == "torch.float32"
+    assert bias[3].item() == -100.0 and bias[7].item() == 2.5 and bias.abs().sum().item() == 102.5
+    # Unset ones stay unset: tensorrt_llm's C++ defaults.
+    plain = sampling_kwargs(SamplingParams(max_tokens=8), (2,), seed=1)
+    assert not {"frequency_penalty", "presence_penalty", "embedding_bias", "logprobs", "guided_decoding"} & set(plain)
+
+
+def test_top_1_logprobs_ask_for_one() -> None:
+    kwargs = sampling_kwargs(SamplingParams(max_tokens=8, logprobs=True), (2,), seed=1, generation_logits=True)
+    assert kwargs["logprobs"] == 1  # 0 would mean "no logprobs" to tensorrt_llm
+
+
+def test_logprobs_need_generation_logits_and_echo_needs_context_logits() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        sampling_kwargs(SamplingParams(max_tokens=8, logprobs=True), (2,), seed=1)
+    assert info.value.param == "logprobs" and "gather_generation_logits" in info.value.message
+    echo = SamplingParams(max_tokens=8, logprobs=True, top_logprobs=2, prompt_logprobs=2)
+    with pytest.raises(InvalidRequest) as info:
+        sampling_kwargs(echo, (2,), seed=1, generation_logits=True)
+    assert info.value.param == "echo" and "gather_context_logits" in info.value.message
+    kwargs = sampling_kwargs(echo, (2,), seed=1, generation_logits=True, context_logits=True)
+    assert kwargs["prompt_logprobs"] == 2 and set(kwargs) <= SAMPLING_PARAMS
+
+
+def test_logit_bias_needs_the_vocab_size() -> None:
+    with pytest.raises(ValueError, match="vocab_size"):
+        sampling_kwargs(SamplingParams(max_tokens=8, logit_bias=((1, 1.0),)), (2,), seed=1)
+
+
+def test_grammars_become_guided_decoding_params(spec: GrammarSpec, expected: dict[str, object]) -> None:
+    kwargs = sampling_kwargs(SamplingParams(max_tokens=8, guided=spec), (2,), seed=1)
+    assert set(kwargs) <= SAMPLING_PARAMS
+    assert kwargs["guided_decoding"] == expected
+    assert set(kwargs["guided_decoding"]) <= GUIDED_DECODING_PARAMS
+
+
+def test_a_grammar_on_an_engine_without_xgrammar_is_a_400() -> None:
+    sp = SamplingParams(max_tokens=8, guided=GrammarSpec("regex", "a+"))
+    with pytest.raises(InvalidRequest) as info:
+        sampling_kwargs(sp, (2,), seed=1, guided=False)
+    assert info.value.param == "guided_regex"
+
+
+def test_llm_serves_with_xgrammar_and_optional_generation_logits(tmp_path: Path) -> None:
+    from aisandbox.artifacts import DeviceInfo, EngineManifest, LibraryVersions, ModelSummary
+
+    p = load_profile(list_profiles()[0])
+    manifest = EngineManifest(
+        engine_hash="0",
+        created_at="",
+        aisandbox_version="",
+        gpu=DeviceInfo(0, "x", p.compute_capability, 1),
+        model=ModelSummary("MistralForCausalLM", "bfloat16", 1, 1, 1, 1, 1, 1, 1, 1, 1, "0"),
+        profile=p.to_engine_profile(),
+        versions=LibraryVersions("1.2.1", "10.13.3.9"),
+    )
+    kwargs = llm_runtime_kwargs(tmp_path, manifest)
+    # No Hugging Face tokenizer in the folder: xgrammar would fail the LLM's start, so it stays off.
+    assert "guided_decoding_backend" not in kwargs and "gather_generation_logits" not in kwargs
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with_logits = llm_runtime_kwargs(tmp_path, manifest, gather_generation_logits=True)
+    assert with_logits["guided_decoding_backend"] == "xgrammar"
+    assert with_logits["gather_generation_logits"] is True and set(with_logits) <= TRT_LLM_ARGS
+
+
+def test_token_logprobs_from_the_executor_dicts() -> None:
+    class Logprob:  # executor/result.py Logprob(logprob, rank)
+        def __init__(self, logprob: float, rank: int) -> None:
+            self.logprob, self.rank = logprob, rank
+
+    diff = [
+        {5: Logprob(-0.1, 1), 9: Logprob(-2.5, 2)},
+        {4: Logprob(-0.3, 1), 8: Logprob(-1.9, 2), 6: Logprob(-4.0, 17)},  # the sampled 6 is outside the top-2
+    ]
+    out = token_logprobs(diff, [5, 6], top=2)
+    assert [e.token_id for e in out] == [5, 6]
+    assert out[0].logprob == -0.1 and out[0].top == ((5, -0.1), (9, -2.5))
+    assert out[1].logprob == -4.0 and out[1].top == ((4, -0.3), (8, -1.9))
+    assert token_logprobs(diff, [5, 6], top=0)[1].top == ()
+
