@@ -18,6 +18,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import falcon
@@ -25,7 +26,7 @@ import falcon.asgi
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from aisandbox.errors import InvalidRequest, ModelNotFound
+from aisandbox.errors import InvalidRequest, ModelNotFound, UnsupportedParameter
 from aisandbox.http import schemas
 from aisandbox.http.errors import (
     InvalidJson,
@@ -38,9 +39,10 @@ from aisandbox.http.errors import (
 from aisandbox.http.generation import ClientDisconnected, DisconnectSignal, Generation
 from aisandbox.http.metrics import Metrics
 from aisandbox.runtime.engine import Engine
+from aisandbox.runtime.logprobs import ShownLogprob
 from aisandbox.runtime.tool_calling import ToolPlan, plan_tools
 from aisandbox.runtime.tools import ToolCall
-from aisandbox.runtime.types import GenerationRequest, TextDelta
+from aisandbox.runtime.types import GenerationRequest, GrammarSpec, SamplingParams, TextDelta
 from aisandbox.settings import ServerSettings
 
 __all__ = ["DISCONNECT_KEY", "create_app"]
@@ -235,6 +237,20 @@ async def read_json(req: falcon.asgi.Request, max_bytes: int, max_depth: int) ->
     return await asyncio.get_running_loop().run_in_executor(None, _parse_json, data, max_depth)
 
 
+@dataclass(eq=False, slots=True)
+class _Choice:
+    """What one choice has produced so far (for the whole response, or what streaming still owes)."""
+
+    echo: str = ""
+    """Completions with `echo`: the prompt text, sent before the first generated text."""
+    text: str = ""
+    calls: tuple[ToolCall, ...] = ()
+    steps: list[ShownLogprob] = field(default_factory=list)
+    """Logprobs of the generated tokens (and, with echo, the prompt's first)."""
+    sent: int = 0
+    """Characters of this choice's text already streamed: the `text_offset` of the next tokens."""
+
+
 class _GenerateResource(_Base):
     """What chat and legacy completions share: parse, tokenize, admit, then respond or stream."""
 
@@ -250,38 +266,51 @@ class _GenerateResource(_Base):
         if body.n > self.settings.max_n:
             raise InvalidRequest(f"n must be at most {self.settings.max_n}.", param="n", code="invalid_value")
         prompts, tools = await self._prompts(body)
+        echoes = await self._echoes(body, prompts)
         asked = body.requested_max_tokens()
         rid = schemas.new_id(self.id_prefix)
         requests: list[GenerationRequest] = []
-        for ids in prompts:
+        choices: list[_Choice] = []
+        prepared: SamplingParams | None = None
+        for ids, echo in zip(prompts, echoes, strict=True):
             max_tokens = self.engine.check_context(len(ids), asked, self.prompt_param)
             for j in range(body.n):
-                sampling = body.to_sampling_params(max_tokens, j)
+                sampling = self._sampling(body.to_sampling_params(max_tokens, j), tools)
+                if prepared is None:  # the grammar is compiled once, off the loop; choices differ in seed only
+                    schemas.check_logit_bias(sampling, self.engine.model_info.vocab_size)
+                    prepared = sampling = await self.engine.prepare(sampling)
+                else:
+                    sampling = replace(sampling, grammar=prepared.grammar)
                 requests.append(GenerationRequest(f"{rid}-{len(requests)}", ids, sampling, tools))
+                choices.append(_Choice(echo=echo))
         gen = Generation(self.engine, requests, req.scope.get(DISCONNECT_KEY)).submit()
         prompt_tokens = sum(len(ids) for ids in prompts)
         self.metrics.prompt_tokens.inc(prompt_tokens)
         created = schemas.now()
+        logprobs = bool(prepared and prepared.logprobs)
         if body.stream:
             resp.content_type = "text/event-stream"
             resp.set_header("Cache-Control", "no-cache")
-            resp.sse = self._stream(gen, rid, created, body.include_usage, prompt_tokens, req.context.request_id)
+            use = (prompt_tokens, body.include_usage)
+            resp.sse = self._stream(gen, rid, created, choices, use, req.context.request_id)
             return
-        texts = [""] * len(requests)
-        calls: list[tuple[ToolCall, ...]] = [()] * len(requests)
         try:
             async with gen:
                 async for index, delta in gen.events():
-                    texts[index] += delta.text
-                    calls[index] = delta.tool_calls or calls[index]
+                    choice = choices[index]
+                    choice.text += delta.text
+                    choice.calls = delta.tool_calls or choice.calls
+                    if delta.prompt_logprobs:
+                        choice.steps[:0] = delta.prompt_logprobs
+                    choice.steps.extend(delta.logprobs)
         except ClientDisconnected:
             log.info("%s: client disconnected; aborted", rid)
             resp.status = 499  # nginx's "client closed request": nobody receives it, /metrics counts it
             return
         self._observe(gen)
         use = schemas.usage(prompt_tokens, sum(gen.completion_tokens))
-        choices = [(text, reason or "stop") for text, reason in zip(texts, gen.finish_reasons, strict=True)]
-        resp.media = self._response(rid, created, choices, use, calls)
+        reasons = [reason or "stop" for reason in gen.finish_reasons]
+        resp.media = self._response(rid, created, choices, reasons, use, logprobs)
 
     async def _parse(self, req: falcon.asgi.Request) -> Any:
         body = await read_json(req, self.settings.max_body_bytes, self.settings.max_json_depth)
@@ -296,6 +325,14 @@ class _GenerateResource(_Base):
         """The prompts' token ids (off the loop), and how the request calls tools, if it does."""
         raise NotImplementedError
 
+    async def _echoes(self, body: Any, prompts: list[tuple[int, ...]]) -> list[str]:
+        """Per prompt, the text echoed before the completion (legacy completions' `echo`)."""
+        return [""] * len(prompts)
+
+    def _sampling(self, sampling: SamplingParams, tools: ToolPlan | None) -> SamplingParams:
+        """The choice's sampling, with what the resource adds (a forced tool call's grammar)."""
+        return sampling
+
     def _observe(self, gen: Generation) -> None:
         if gen.first_text_at is not None:
             self.metrics.ttft.observe(gen.first_text_at - gen.started)
@@ -305,12 +342,7 @@ class _GenerateResource(_Base):
             self.metrics.finished.labels(reason or "abort").inc()
 
     def _response(
-        self,
-        rid: str,
-        created: int,
-        choices: list[tuple[str, str]],
-        use: dict[str, int],
-        calls: list[tuple[ToolCall, ...]],
+        self, rid: str, created: int, choices: list[_Choice], reasons: list[str], use: dict[str, int], logprobs: bool
     ) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -321,14 +353,22 @@ class _GenerateResource(_Base):
         """A text chunk (reason None) or a choice's last chunk."""
         raise NotImplementedError
 
-    def _delta_chunks(self, rid: str, created: int, index: int, delta: TextDelta) -> list[dict[str, Any]]:
-        """The chunks of a delta that is more than text: a finish, or tool-call events."""
-        reason = delta.finish_reason.value if delta.finish_reason is not None else None
-        return [self._chunk(rid, created, index, delta.text, reason)]
+    def _delta_chunks(
+        self, rid: str, created: int, index: int, delta: TextDelta, choice: _Choice
+    ) -> list[dict[str, Any]]:
+        """The chunks of a delta that is more than text: a finish, logprobs, an echo or tool-call events."""
+        raise NotImplementedError
 
     async def _stream(
-        self, gen: Generation, rid: str, created: int, include_usage: bool, prompt_tokens: int, request_id: str
+        self,
+        gen: Generation,
+        rid: str,
+        created: int,
+        choices: list[_Choice],
+        usage: tuple[int, bool],
+        request_id: str,
     ) -> AsyncIterator[falcon.asgi.SSEvent]:
+        """The SSE events of a streamed response; usage is (prompt tokens, whether to send a usage chunk)."""
         count = len(gen.requests)
         # Text chunks differ only in their text: encode each choice's chunk once around a marker, then splice.
         templates = [_template(lambda text, i=i: self._chunk(rid, created, i, text, None)) for i in range(count)]
@@ -338,12 +378,15 @@ class _GenerateResource(_Base):
                 for chunk in self._first_chunks(rid, created, count):
                     yield SSEvent(text=_dumps(chunk))
                 async for index, delta in gen.events():
-                    if delta.finish_reason is None and not delta.tool_events:
+                    choice = choices[index]
+                    if delta.finish_reason is None and not (delta.tool_events or delta.logprobs or choice.echo):
                         head, tail = templates[index]
+                        choice.sent += len(delta.text)
                         yield SSEvent(text=head + _dumps(delta.text) + tail)
                     else:
-                        for chunk in self._delta_chunks(rid, created, index, delta):
+                        for chunk in self._delta_chunks(rid, created, index, delta, choice):
                             yield SSEvent(text=_dumps(chunk))
+            prompt_tokens, include_usage = usage
             if include_usage:
                 use = schemas.usage(prompt_tokens, sum(gen.completion_tokens))
                 chunk = schemas.usage_chunk(rid, created, self.settings.model_name, self.chunk_object, use)
@@ -369,19 +412,34 @@ class ChatCompletionsResource(_GenerateResource):
     async def _prompts(self, body: Any) -> tuple[list[tuple[int, ...]], ToolPlan | None]:
         tools = body.tool_request()
         ids = await self.engine.encode_chat(body.conversation(with_tools=True), tools)
-        return [tuple(ids)], plan_tools(self.engine.tokenizer, tools)
+        plan = plan_tools(self.engine.tokenizer, tools)
+        if plan is not None and plan.grammar is not None and body.grammar_spec() is not None:
+            raise UnsupportedParameter(
+                "response_format", "response_format (or a guided_* grammar) cannot be combined with active tools."
+            )
+        return [tuple(ids)], plan
+
+    def _sampling(self, sampling: SamplingParams, tools: ToolPlan | None) -> SamplingParams:
+        if tools is None or tools.grammar is None:
+            return sampling
+        # Calls are constrained by guided decoding: the arguments follow each function's schema, and with
+        # `required` or a named function the answer is a call.
+        spec = GrammarSpec("structural_tag", json.dumps(tools.grammar, separators=(",", ":")))
+        return replace(sampling, guided=spec)
 
     def _response(
-        self,
-        rid: str,
-        created: int,
-        choices: list[tuple[str, str]],
-        use: dict[str, int],
-        calls: list[tuple[ToolCall, ...]],
+        self, rid: str, created: int, choices: list[_Choice], reasons: list[str], use: dict[str, int], logprobs: bool
     ) -> dict[str, Any]:
-        contents = [(text or None if c else text, reason) for (text, reason), c in zip(choices, calls, strict=True)]
+        contents = [(c.text or None if c.calls else c.text, r) for c, r in zip(choices, reasons, strict=True)]
+        calls = [c.calls for c in choices]
         return schemas.chat_response(
-            rid, created, self.settings.model_name, contents, use, calls if any(calls) else None
+            rid,
+            created,
+            self.settings.model_name,
+            contents,
+            use,
+            calls if any(calls) else None,
+            [schemas.chat_logprobs(c.steps) for c in choices] if logprobs else None,
         )
 
     def _first_chunks(self, rid: str, created: int, count: int) -> list[dict[str, Any]]:
@@ -392,12 +450,18 @@ class ChatCompletionsResource(_GenerateResource):
         delta = {"content": text} if text or reason is None else {}
         return schemas.chat_chunk(rid, created, self.settings.model_name, index, delta, reason)
 
-    def _delta_chunks(self, rid: str, created: int, index: int, delta: TextDelta) -> list[dict[str, Any]]:
-        if not delta.tool_events:
-            return super()._delta_chunks(rid, created, index, delta)
+    def _delta_chunks(
+        self, rid: str, created: int, index: int, delta: TextDelta, choice: _Choice
+    ) -> list[dict[str, Any]]:
         model = self.settings.model_name
         parts = ([{"content": delta.text}] if delta.text else []) + schemas.chat_deltas(delta.tool_events)
-        chunks = [schemas.chat_chunk(rid, created, model, index, part, None) for part in parts]
+        logprobs = schemas.chat_logprobs(delta.logprobs) if delta.logprobs else None
+        if not parts and logprobs is not None:
+            parts = [{"content": ""}]  # tokens that show no text yet still carry their logprobs
+        chunks = [
+            schemas.chat_chunk(rid, created, model, index, part, None, logprobs if i == 0 else None)
+            for i, part in enumerate(parts)
+        ]
         if delta.finish_reason is not None:
             chunks.append(schemas.chat_chunk(rid, created, model, index, {}, delta.finish_reason.value))
         return chunks
@@ -425,18 +489,32 @@ class CompletionsResource(_GenerateResource):
                 out.append(tuple(p))
         return out, None
 
+    async def _echoes(self, body: Any, prompts: list[tuple[int, ...]]) -> list[str]:
+        if not body.echo:
+            return [""] * len(prompts)
+        return [await self.engine.decode(ids) for ids in prompts]
+
     def _response(
-        self,
-        rid: str,
-        created: int,
-        choices: list[tuple[str, str]],
-        use: dict[str, int],
-        calls: list[tuple[ToolCall, ...]],
+        self, rid: str, created: int, choices: list[_Choice], reasons: list[str], use: dict[str, int], logprobs: bool
     ) -> dict[str, Any]:
-        return schemas.completion_response(rid, created, self.settings.model_name, choices, use)
+        texts = [(c.echo + c.text, r) for c, r in zip(choices, reasons, strict=True)]
+        shown = [schemas.completion_logprobs(c.steps) for c in choices] if logprobs else None
+        return schemas.completion_response(rid, created, self.settings.model_name, texts, use, shown)
 
     def _chunk(self, rid: str, created: int, index: int, text: str, reason: str | None) -> dict[str, Any]:
         return schemas.completion_chunk(rid, created, self.settings.model_name, index, text, reason)
+
+    def _delta_chunks(
+        self, rid: str, created: int, index: int, delta: TextDelta, choice: _Choice
+    ) -> list[dict[str, Any]]:
+        text, steps = delta.text, list(delta.logprobs)
+        if choice.echo:  # the first chunk of an echo carries the prompt (and the prompt's logprobs)
+            text, choice.echo = choice.echo + text, ""
+            steps[:0] = delta.prompt_logprobs or ()
+        logprobs = schemas.completion_logprobs(steps, choice.sent) if steps else None
+        choice.sent += len(text)
+        reason = delta.finish_reason.value if delta.finish_reason is not None else None
+        return [schemas.completion_chunk(rid, created, self.settings.model_name, index, text, reason, logprobs)]
 
 
 def create_app(settings: ServerSettings, engine: Engine) -> DisconnectWatch:

@@ -25,7 +25,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from aisandbox.errors import (
@@ -38,6 +38,7 @@ from aisandbox.errors import (
 )
 from aisandbox.runtime.collector import Submission
 from aisandbox.runtime.engine import Backend
+from aisandbox.runtime.logprobs import LogprobFormatter
 from aisandbox.runtime.textgen import TextState, check_context
 from aisandbox.runtime.tokenizer import ChatMessage, Tokenizer
 from aisandbox.runtime.tools import ToolRequest
@@ -48,6 +49,7 @@ from aisandbox.runtime.types import (
     GenerationRequest,
     Health,
     ModelInfo,
+    SamplingParams,
     TextDelta,
     TokenDelta,
 )
@@ -95,6 +97,7 @@ class Admission:
         self._info: ModelInfo | None = None
         self._tokenizer: Tokenizer | None = None
         self._max_chars: int | None = None
+        self._formatter: LogprobFormatter | None = None
         self._live: dict[str, _Live] = {}  # written on the loop only; read by the text thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -250,6 +253,32 @@ class Admission:
         self._check_prompt(ids, "prompt")
         return ids
 
+    async def decode(self, token_ids: Sequence[int]) -> str:
+        """Decode ids to text, off the event loop (a completion's `echo`)."""
+        return await self._off_loop(self.tokenizer.decode, token_ids)
+
+    async def prepare(self, sampling: SamplingParams) -> SamplingParams:
+        """Compile the request's grammar (cached) and build what its logprobs need, off the event loop.
+
+        Raises:
+            InvalidRequest: An invalid or unsupported schema, regex, grammar or tool schema (a 400 naming it).
+        """
+        if sampling.logprobs or sampling.prompt_logprobs is not None:
+            await self._off_loop(self._logprob_formatter)
+        if sampling.guided is not None and sampling.grammar is None:
+            from aisandbox.runtime.guided import compile_grammar
+
+            info = self._check_state()
+            grammar = await self._off_loop(compile_grammar, sampling.guided, self.tokenizer, info)
+            sampling = replace(sampling, grammar=grammar)
+        return sampling
+
+    def _logprob_formatter(self) -> LogprobFormatter:
+        """The engine's logprob formatter, built on first use (reading the vocabulary takes a moment)."""
+        if self._formatter is None:
+            self._formatter = LogprobFormatter(self.tokenizer)
+        return self._formatter
+
     def _check_prompt(self, ids: Sequence[int], param: str | None) -> None:
         info = self._check_state()
         if not ids:
@@ -290,7 +319,10 @@ class Admission:
         try:
             for index, request in enumerate(requests):
                 rid = request.request_id
-                self._live[rid] = _Live(rid, submission, index, TextState(tokenizer, request))
+                sp = request.sampling
+                wants = sp.logprobs or sp.prompt_logprobs is not None
+                fmt = self._logprob_formatter() if wants else None  # built by prepare(), off the loop
+                self._live[rid] = _Live(rid, submission, index, TextState(tokenizer, request, fmt))
                 self.backend.add(request)
         except BaseException:
             self._abort_many([r.request_id for r in requests])  # all or none

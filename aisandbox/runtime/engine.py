@@ -14,7 +14,15 @@ from typing import Protocol, runtime_checkable
 
 from aisandbox.runtime.tokenizer import ChatMessage, Tokenizer
 from aisandbox.runtime.tools import ToolRequest
-from aisandbox.runtime.types import EngineStats, GenerationRequest, Health, ModelInfo, TextDelta, TokenDelta
+from aisandbox.runtime.types import (
+    EngineStats,
+    GenerationRequest,
+    Health,
+    ModelInfo,
+    SamplingParams,
+    TextDelta,
+    TokenDelta,
+)
 
 __all__ = ["Backend", "BackendHost", "Engine", "RequestStream"]
 
@@ -68,6 +76,12 @@ class Engine(Protocol):
 
     async def encode(self, text: str) -> list[int]:
         """Tokenize a completion prompt, off the event loop; refuse at once what cannot fit."""
+
+    async def decode(self, token_ids: Sequence[int]) -> str:
+        """Decode ids to text, off the event loop."""
+
+    async def prepare(self, sampling: SamplingParams) -> SamplingParams:
+        """Compile the sampling's grammar and ready its logprobs, off the event loop; raise InvalidRequest."""
 
     def check_context(self, prompt_len: int, max_tokens: int | None, param: str) -> int:
         """Resolve max_tokens (None: the rest of the context) or raise ContextLengthExceeded naming `param`."""

@@ -52,6 +52,7 @@ ERROR_PARAMS: dict[str, str] = {
     "json_schema": "response_format.json_schema.schema",
     "regex": "guided_regex",
     "ebnf": "guided_grammar",
+    "structural_tag": "tools",
 }
 """The request field each kind of grammar comes from, named in a compile error."""
 
@@ -175,6 +176,8 @@ class GrammarCompiler:
                 return self._compiler.compile_regex(spec.source)
             if spec.kind == "ebnf":
                 return self._compiler.compile_grammar(spec.source)
+            if spec.kind == "structural_tag":  # tool calls (aisandbox.runtime.tool_grammar), JSON text
+                return self._compiler.compile_structural_tag(spec.source)
         except (RuntimeError, ValueError) as exc:
             what = {"json_schema": "JSON schema", "regex": "regex", "ebnf": "grammar"}.get(spec.kind, "format")
             raise InvalidRequest(

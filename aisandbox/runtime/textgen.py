@@ -8,10 +8,12 @@ stream token ids only, so this is the one place where text is made.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from aisandbox.errors import ContextLengthExceeded
 from aisandbox.runtime.detokenizer import IncrementalDetokenizer
 from aisandbox.runtime.engine import Engine
+from aisandbox.runtime.logprobs import LogprobFormatter
 from aisandbox.runtime.stop import StopMatcher
 from aisandbox.runtime.tokenizer import Tokenizer
 from aisandbox.runtime.tool_parsers import ToolEvent
@@ -50,10 +52,15 @@ def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int, p
 class TextState:
     """One sequence's text: detokenizer, stop strings, token count. Used by one thread at a time."""
 
-    __slots__ = ("_detok", "_min_tokens", "_stops", "_tools", "count", "finished")
+    __slots__ = ("_detok", "_logprobs", "_min_tokens", "_prompt", "_stops", "_tools", "count", "finished")
 
-    def __init__(self, tokenizer: Tokenizer, request: GenerationRequest) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, request: GenerationRequest, logprobs: LogprobFormatter | None = None
+    ) -> None:
+        """One sequence's text state; `logprobs` formats its logprobs when the request asked for them."""
         sampling = request.sampling
+        self._logprobs = logprobs
+        self._prompt = request.prompt_token_ids
         self._detok = IncrementalDetokenizer(tokenizer, request.prompt_token_ids)
         # With tools, a parser sits on the detokenizer: call syntax never reaches the content.
         guided = getattr(sampling, "grammar", None) is not None
@@ -72,6 +79,19 @@ class TextState:
         self.count += len(delta.token_ids)
         shown = delta.token_ids[:-1] if delta.stop_token_id is not None else delta.token_ids
         done = delta.finish_reason is not None
+        out = self._text(delta, shown, done)
+        if self._logprobs is None or (delta.logprobs is None and delta.prompt_logprobs is None):
+            return out
+        fmt = self._logprobs
+        steps = tuple(fmt.format_all(delta.logprobs or ()))
+        prompt = (
+            None if delta.prompt_logprobs is None else tuple(fmt.format_prompt(self._prompt, delta.prompt_logprobs))
+        )
+        if out is None:
+            return TextDelta("", self.count, logprobs=steps, prompt_logprobs=prompt)
+        return replace(out, logprobs=steps, prompt_logprobs=prompt)
+
+    def _text(self, delta: TokenDelta, shown: tuple[int, ...], done: bool) -> TextDelta | None:
         events: tuple[ToolEvent, ...] = ()
         if self._tools is not None:
             text, events = self._tools.add(shown)

@@ -168,8 +168,6 @@ def _checked(tokenizer: Tokenizer, table: ByteTable) -> ByteTable | None:
     return table
 
 
-
-
 class HFTokenizer:
     """A Hugging Face tokenizer and its Jinja chat template."""
 
@@ -210,12 +208,12 @@ class HFTokenizer:
         # A template that takes tools but teaches a call format no parser here reads (Llama 3.1's bare JSON,
         # for one): use the documented fallback instead, so the calls it asks for can be parsed.
         return "fallback", "hermes", None
-        self._vocab: TokenVocab | None = None
 
     def vocab_for_grammar(self) -> TokenVocab:
-        if self._vocab is None:
-            self._vocab = _hf_vocab(self._tok)
-        return self._vocab
+        vocab: TokenVocab | None = getattr(self, "_vocab", None)
+        if vocab is None:
+            vocab = self._vocab = _hf_vocab(self._tok)
+        return vocab
 
     def _adds_bos(self) -> bool:
         ids = self._tok.encode("a", add_special_tokens=True)
@@ -329,17 +327,18 @@ class MistralCommonTokenizer:
             return int(self._inner.get_special_token(piece))
         except Exception:  # tokenizers before v2 have no tool tokens
             return None
-        self._vocab: TokenVocab | None = None
 
     def encode(self, text: str) -> list[int]:
         return list(self._inner.encode(text, bos=True, eos=False))
 
     def encode_fragment(self, text: str) -> list[int]:
         return list(self._inner.encode(text, bos=False, eos=False))
+
     def vocab_for_grammar(self) -> TokenVocab:
-        if self._vocab is None:
-            self._vocab = _mistral_vocab(self._inner)
-        return self._vocab
+        vocab: TokenVocab | None = getattr(self, "_vocab", None)
+        if vocab is None:
+            vocab = self._vocab = _mistral_vocab(self._inner)
+        return vocab
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._inner.decode(list(token_ids)))

@@ -16,7 +16,7 @@ Text layer (per sequence, in the engine or text thread; replaces `detok.add` / `
     end = text_state.finish(engine_finish_reason)                 # last step: end.text, end.events, end.calls,
                                                                   # end.finish_reason (TOOL_CALLS when calls)
 
-The HTTP layer turns `call_events` into stream deltas with `aisandbox.http.schemas.chat_deltas` and the final
+The HTTP layer turns `call_events` into stream deltas with the HTTP schemas' `chat_deltas` and the final
 calls into `message.tool_calls` with `chat_response(..., tool_calls=...)`.
 """
 

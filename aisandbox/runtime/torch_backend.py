@@ -563,9 +563,11 @@ class TorchBackend:
                     seq.prompt_logprobs = prompt_logprobs(logits[i, width - n :], prompts[i], top)
             logits = logits[:, -1, :]
         for i, (seq, c) in enumerate(zip(group, cached, strict=True)):
-            self._prefix.store(prompts[i], c, lambda a, b, row=first_row + i, start=seq.start_col: kv.read_block(
-                row, start + a, start + b
-            ))
+            self._prefix.store(
+                prompts[i],
+                c,
+                lambda a, b, row=first_row + i, start=seq.start_col: kv.read_block(row, start + a, start + b),
+            )
         running.extend(group)
         self._sample_and_emit(group, logits, running, out, first_row)
 
@@ -688,5 +690,3 @@ def _make_generator(sp: SamplingParams, device: torch.device) -> torch.Generator
     gen = torch.Generator()
     gen.manual_seed(sp.seed if sp.seed is not None else random.randrange(2**63))
     return gen
-
-

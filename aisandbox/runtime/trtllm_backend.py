@@ -229,7 +229,7 @@ def guided_decoding_enabled(engine_dir: Path) -> bool:
     return (engine_dir / "tokenizer.json").is_file() or (engine_dir / "tokenizer_config.json").is_file()
 
 
-_GUIDED_PARAM = {"regex": "guided_regex", "ebnf": "guided_grammar"}
+_GUIDED_PARAM = {"regex": "guided_regex", "ebnf": "guided_grammar", "structural_tag": "tools"}
 
 
 def guided_decoding_kwargs(sp: SamplingParams) -> dict[str, Any]:
@@ -247,6 +247,8 @@ def guided_decoding_kwargs(sp: SamplingParams) -> dict[str, Any]:
         return {"json": spec.source}
     if spec.kind == "regex":
         return {"regex": spec.source}
+    if spec.kind == "structural_tag":  # tool calls; unverified on a GPU (see docs/function-calling.md)
+        return {"structural_tag": spec.source}
     return {"grammar": spec.source}
 
 

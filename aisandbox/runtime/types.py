@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from aisandbox.runtime.guided import CompiledGrammar
+    from aisandbox.runtime.logprobs import ShownLogprob
     from aisandbox.runtime.tool_calling import ToolPlan
     from aisandbox.runtime.tool_parsers import ToolEvent
     from aisandbox.runtime.tools import ToolCall
@@ -41,7 +42,7 @@ class FinishReason(enum.StrEnum):
     """The model called tools (set by the tool-call text layer from STOP, never by a backend)."""
 
 
-GrammarKind = Literal["json_object", "json_schema", "regex", "ebnf"]
+GrammarKind = Literal["json_object", "json_schema", "regex", "ebnf", "structural_tag"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +169,10 @@ class TextDelta:
     """Tool-call events of this step (call starts and argument pieces); content stays in `text`."""
     tool_calls: tuple[ToolCall, ...] = ()
     """On the last delta of a sequence that called tools: every call it made."""
+    logprobs: tuple[ShownLogprob, ...] = ()
+    """With logprobs asked for: one per token of this delta, as OpenAI shows tokens."""
+    prompt_logprobs: tuple[ShownLogprob, ...] | None = None
+    """On the first delta of an echo with logprobs: one per prompt token (the first has none)."""
 
     def merge(self, later: TextDelta) -> TextDelta:
         """This delta followed by a later one of the same sequence, as one delta."""
@@ -178,6 +183,8 @@ class TextDelta:
             later.stop_reason,
             self.tool_events + later.tool_events,
             later.tool_calls or self.tool_calls,
+            self.logprobs + later.logprobs,
+            self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
         )
 
 

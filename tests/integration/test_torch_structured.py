@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -12,9 +13,9 @@ import jsonschema
 import pytest
 import torch
 
+from aisandbox.errors import EngineError
 from aisandbox.runtime.guided import compile_grammar
 from aisandbox.runtime.textgen import stream_text
-from aisandbox.runtime.torch_backend import TorchEngine, TorchEngineConfig
 from aisandbox.runtime.types import (
     EngineState,
     GenerationRequest,
@@ -22,6 +23,7 @@ from aisandbox.runtime.types import (
     SamplingParams,
     TokenDelta,
 )
+from tests.integration.test_torch_engine import Tapped, make_engine
 
 SCHEMA = {
     "type": "object",
@@ -32,8 +34,8 @@ SCHEMA = {
 
 
 @pytest.fixture
-async def engine(tiny_mistral_dir: Path) -> AsyncIterator[TorchEngine]:
-    eng = TorchEngine(TorchEngineConfig(model_path=tiny_mistral_dir, dtype="float32", max_batch_size=8))
+async def engine(tiny_mistral_dir: Path) -> AsyncIterator[Tapped]:
+    eng = make_engine(tiny_mistral_dir)
     await eng.start()
     health = await eng.wait_ready(120)
     assert health.state is EngineState.READY, health
@@ -41,10 +43,19 @@ async def engine(tiny_mistral_dir: Path) -> AsyncIterator[TorchEngine]:
     await eng.shutdown()
 
 
-async def run(engine: TorchEngine, rid: str, prompt: list[int], sp: SamplingParams) -> list[TokenDelta]:
+async def run(engine: Tapped, rid: str, prompt: list[int], sp: SamplingParams) -> list[TokenDelta]:
+    """Submit through the admission layer (its text layer runs too); return the backend's raw token deltas."""
+    raw = engine.raw[rid] = asyncio.Queue()
+    stream = engine.submit([GenerationRequest(rid, tuple(prompt), sp)])
     deltas = []
-    async for delta in engine.submit(GenerationRequest(rid, tuple(prompt), sp)):
+    while True:
+        delta = await raw.get()
         deltas.append(delta)
+        if delta.finish_reason is not None:
+            break
+    with contextlib.suppress(EngineError):  # a request the engine failed (the test checks its raw delta)
+        async for _ in stream:
+            pass
     return deltas
 
 
@@ -52,12 +63,12 @@ def tokens(deltas: list[TokenDelta]) -> list[int]:
     return [t for d in deltas for t in d.token_ids]
 
 
-def guided(engine: TorchEngine, sp: SamplingParams, spec: GrammarSpec) -> SamplingParams:
+def guided(engine: Tapped, sp: SamplingParams, spec: GrammarSpec) -> SamplingParams:
     """What the request path does: compile off the engine thread, attach to the sampling params."""
     return replace(sp, guided=spec, grammar=compile_grammar(spec, engine.tokenizer, engine.model_info))
 
 
-async def test_mixed_batch_grammar_penalties_logprobs_and_plain(engine: TorchEngine) -> None:
+async def test_mixed_batch_grammar_penalties_logprobs_and_plain(engine: Tapped) -> None:
     tok = engine.tokenizer
     prompt = tok.encode("Question: is it? Answer in JSON.")
     plain = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
@@ -119,7 +130,7 @@ async def test_mixed_batch_grammar_penalties_logprobs_and_plain(engine: TorchEng
     assert all(d.logprobs is None for d in results["plain"])
 
 
-async def test_prompt_logprobs_match_a_full_forward(engine: TorchEngine, tiny_mistral_dir: Path) -> None:
+async def test_prompt_logprobs_match_a_full_forward(engine: Tapped, tiny_mistral_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     prompt = engine.tokenizer.encode("one two three four five six seven eight nine ten eleven twelve")
@@ -140,7 +151,7 @@ async def test_prompt_logprobs_match_a_full_forward(engine: TorchEngine, tiny_mi
         assert [t for t, _ in entry.top] == ref[j - 1].topk(2).indices.tolist()
 
 
-async def test_text_layer_sees_guided_text(engine: TorchEngine) -> None:
+async def test_text_layer_sees_guided_text(engine: Tapped) -> None:
     prompt = engine.tokenizer.encode("JSON please")
     sp = guided(engine, SamplingParams(max_tokens=60, temperature=0.0), GrammarSpec("json_schema", json.dumps(SCHEMA)))
     text, last = "", None
@@ -151,7 +162,7 @@ async def test_text_layer_sees_guided_text(engine: TorchEngine) -> None:
     jsonschema.validate(json.loads(text), SCHEMA)
 
 
-async def test_an_uncompiled_grammar_is_still_honoured(engine: TorchEngine) -> None:
+async def test_an_uncompiled_grammar_is_still_honoured(engine: Tapped) -> None:
     prompt = engine.tokenizer.encode("x")
     sp = SamplingParams(max_tokens=20, temperature=0.0, guided=GrammarSpec("regex", "(yes|no)"))
     deltas = await run(engine, "late", prompt, sp)

@@ -31,7 +31,7 @@ def tokenizer() -> MistralCommonTokenizer:
 
 @pytest.fixture(scope="module")
 def info(tokenizer: MistralCommonTokenizer) -> ModelInfo:
-    return ModelInfo(max_model_len=4096, eos_token_ids=(EOS,), vocab_size=tokenizer.vocab_size)
+    return ModelInfo(max_model_len=4096, eos_token_ids=(EOS,), vocab_size=tokenizer.vocab_size, max_running=8)
 
 
 @pytest.fixture(scope="module")

@@ -508,6 +508,16 @@ def test_logit_bias_needs_the_vocab_size() -> None:
         sampling_kwargs(SamplingParams(max_tokens=8, logit_bias=((1, 1.0),)), (2,), seed=1)
 
 
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (GrammarSpec("json_object"), {"json_object": True}),
+        (GrammarSpec("json_schema", '{"type":"object"}'), {"json": '{"type":"object"}'}),
+        (GrammarSpec("regex", "a+"), {"regex": "a+"}),
+        (GrammarSpec("ebnf", 'root ::= "a"'), {"grammar": 'root ::= "a"'}),
+        (GrammarSpec("structural_tag", '{"type":"structural_tag"}'), {"structural_tag": '{"type":"structural_tag"}'}),
+    ],
+)
 def test_grammars_become_guided_decoding_params(spec: GrammarSpec, expected: dict[str, object]) -> None:
     kwargs = sampling_kwargs(SamplingParams(max_tokens=8, guided=spec), (2,), seed=1)
     assert set(kwargs) <= SAMPLING_PARAMS
