@@ -83,7 +83,10 @@ class TextState:
         if self._logprobs is None or (delta.logprobs is None and delta.prompt_logprobs is None):
             return out
         fmt = self._logprobs
-        steps = tuple(fmt.format_all(delta.logprobs or ()))
+        entries = delta.logprobs or ()
+        if delta.stop_token_id is not None and len(entries) == len(delta.token_ids):
+            entries = entries[:-1]  # the EOS or stop token is counted but never shown, in the text or here
+        steps = tuple(fmt.format_all(entries))
         prompt = (
             None if delta.prompt_logprobs is None else tuple(fmt.format_prompt(self._prompt, delta.prompt_logprobs))
         )

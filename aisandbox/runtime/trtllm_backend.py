@@ -56,7 +56,7 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -812,7 +812,8 @@ class TrtllmBackend:
         except RuntimeError as exc:  # the LLM is shut down or its executor failed (it shuts itself down)
             self._executor_dead(f"the TensorRT-LLM executor failed: {exc}")
             raise EngineDead(f"The engine has failed: {exc}") from exc
-        task = asyncio.get_running_loop().create_task(self._pump(request.request_id, output))
+        top = request.sampling.top_logprobs if request.sampling.logprobs else None
+        task = asyncio.get_running_loop().create_task(self._pump(request.request_id, output, top))
         now = time.monotonic()
         if not self._active:
             self._last_progress = now  # the stall clock runs only while requests do
@@ -838,8 +839,11 @@ class TrtllmBackend:
         except Exception:  # already finished, or the executor is gone
             log.debug("abort failed", exc_info=True)
 
-    async def _pump(self, request_id: str, output: _RequestOutput) -> None:
-        """Forward one request's engine steps to the admission layer until it finishes."""
+    async def _pump(self, request_id: str, output: _RequestOutput, top_logprobs: int | None) -> None:
+        """Forward one request's engine steps to the admission layer until it finishes.
+
+        With logprobs asked for (`top_logprobs` not None), each step's `logprobs_diff` comes along.
+        """
         assert self._info is not None and self._host is not None
         emit = self._host.emit
         end_id = self._info.eos_token_ids[0]
@@ -850,12 +854,17 @@ class TrtllmBackend:
                 self._last_progress = time.monotonic()
                 completion = step.outputs[0]
                 ids = tuple(completion.token_ids_diff)
+                lp = None
+                if top_logprobs is not None:
+                    lp = token_logprobs(getattr(completion, "logprobs_diff", None) or (), ids, top_logprobs)
                 if completion.finish_reason is None:
                     if ids:
-                        emit(((request_id, TokenDelta(ids)),))
+                        emit(((request_id, TokenDelta(ids, logprobs=lp)),))
                         last_id = ids[-1]
                     continue
                 delta = final_delta(ids, completion.finish_reason, completion.stop_reason, end_id, last_id)
+                if lp:
+                    delta = replace(delta, logprobs=lp)
                 break
             if delta is None:
                 delta = TokenDelta((), FinishReason.ABORT, error="the engine ended the request without a finish reason")

@@ -144,7 +144,7 @@ def steps(formatter: LogprobFormatter) -> list[Any]:
 
 def test_chat_logprobs_validate(openapi_validate: Callable[[Any, str], None], formatter: LogprobFormatter) -> None:
     lp = schemas.chat_logprobs(steps(formatter))
-    body = schemas.chat_response("c", 1, "m", [("hi", "stop")], schemas.usage(1, 2), [lp])
+    body = schemas.chat_response("c", 1, "m", [("hi", "stop")], schemas.usage(1, 2), logprobs=[lp])
     openapi_validate(body, "CreateChatCompletionResponse")
     entry = body["choices"][0]["logprobs"]["content"][0]
     assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"}
