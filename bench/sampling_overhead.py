@@ -15,12 +15,12 @@ import json
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from aisandbox.runtime.default_model import prepare_default_model
 from aisandbox.runtime.guided import compile_grammar
-from aisandbox.runtime.torch_backend import TorchEngine, TorchEngineConfig
+from aisandbox.runtime.admission import Admission
+from aisandbox.runtime.torch_backend import TorchBackend, TorchEngineConfig
 from aisandbox.runtime.types import GenerationRequest, GrammarSpec, SamplingParams
 from aisandbox.settings import ServerSettings
 
@@ -46,7 +46,7 @@ CONFIGS = {
 class StepTimer:
     """Times the engine's forward and sampling calls (the engine thread runs one at a time)."""
 
-    def __init__(self, engine: TorchEngine) -> None:
+    def __init__(self, engine: TorchBackend) -> None:
         self.forward: list[tuple[int, float]] = []  # (rows, seconds)
         self.sample: list[tuple[int, float]] = []
         forward, sample = engine._forward, engine._sample
@@ -71,7 +71,7 @@ class StepTimer:
         self.sample.clear()
 
 
-async def run(engine: TorchEngine, timer: StepTimer, name: str, tag: str, prompts: list[list[int]]) -> dict[str, float]:
+async def run(engine: Admission, timer: StepTimer, name: str, tag: str, prompts: list[list[int]]) -> dict[str, float]:
     grammar_rows, logprob_rows = CONFIGS[name]
     base = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     spec = GrammarSpec("json_schema", json.dumps(SCHEMA))
@@ -85,9 +85,9 @@ async def run(engine: TorchEngine, timer: StepTimer, name: str, tag: str, prompt
 
     async def one(i: int) -> int:
         n = 0
-        stream = engine.submit(GenerationRequest(f"{tag}-{i}", tuple(prompts[i]), params[i]))
-        async for delta in stream:
-            n += len(delta.token_ids)
+        stream = engine.submit([GenerationRequest(f"{tag}-{i}", tuple(prompts[i]), params[i])])
+        async for _, delta in stream:
+            n = delta.completion_tokens
         return n
 
     counts = await asyncio.gather(*(one(i) for i in range(len(prompts))))
@@ -104,10 +104,11 @@ async def run(engine: TorchEngine, timer: StepTimer, name: str, tag: str, prompt
 
 async def main(rounds: int, threads: int | None) -> None:
     model_dir = prepare_default_model(ServerSettings().cache_dir)
-    engine = TorchEngine(TorchEngineConfig(model_path=model_dir, dtype="float32", max_batch_size=16, threads=threads))
+    backend = TorchBackend(TorchEngineConfig(model_path=model_dir, dtype="float32", max_batch_size=16, threads=threads))
+    engine = Admission(backend)
     await engine.start()
     await engine.wait_ready()
-    timer = StepTimer(engine)
+    timer = StepTimer(backend)
     chats = [[{"role": "user", "content": f"Describe {TOPICS[i % 8]} as JSON (#{i})."}] for i in range(16)]
     prompts = [engine.tokenizer.encode_chat(c) for c in chats]
     await run(engine, timer, "1 grammar row", "warm", prompts)  # compile, warm the caches
