@@ -17,9 +17,9 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from aisandbox.runtime.admission import Admission
 from aisandbox.runtime.default_model import prepare_default_model
 from aisandbox.runtime.guided import compile_grammar
-from aisandbox.runtime.admission import Admission
 from aisandbox.runtime.torch_backend import TorchBackend, TorchEngineConfig
 from aisandbox.runtime.types import GenerationRequest, GrammarSpec, SamplingParams
 from aisandbox.settings import ServerSettings
