@@ -38,5 +38,6 @@ def create_engine(settings: ServerSettings) -> Engine:
             max_queue=settings.max_queue,
             threads=settings.threads,
             prefix_cache_mb=settings.prefix_cache_mb,
+            weights_dtype=settings.weights_dtype,
         )
     )

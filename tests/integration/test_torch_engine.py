@@ -17,7 +17,9 @@ from aisandbox.runtime.types import EngineState, FinishReason, GenerationRequest
 
 @pytest.fixture
 async def engine(tiny_mistral_dir: Path) -> AsyncIterator[TorchEngine]:
-    eng = TorchEngine(TorchEngineConfig(model_path=tiny_mistral_dir, dtype="float32", max_batch_size=8))
+    eng = TorchEngine(
+        TorchEngineConfig(model_path=tiny_mistral_dir, dtype="float32", weights_dtype="fp32", max_batch_size=8)
+    )
     await eng.start()
     health = await eng.wait_ready(120)
     assert health.state is EngineState.READY, health
