@@ -13,7 +13,10 @@ Three measurements, each printed as a Markdown table:
   through the real engine), per format: prompts whose 64 tokens are identical, and the mean share of tokens
   before the first difference.
 
-Run: `PYTHONPATH=. .venv/bin/python bench/cpu_formats.py [steps] [q4] [agree]` (all three by default). The machine may be
+* `profile`: where a decode step's time goes, by kind of op (torch.profiler), at batch 1 and 16.
+
+Run: `PYTHONPATH=. .venv/bin/python bench/cpu_formats.py [steps] [q4] [agree] [profile]` (the first three by
+default). The machine may be
 shared: read the ratios, which are measured interleaved, before the absolute numbers.
 """
 
@@ -110,6 +113,60 @@ def steps(model_dir: Path, reps: int) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+_GROUPS = {
+    "linears": ("_linear_pointwise", "_weight_int4pack_mm", "_weight_int8pack_mm", "aten::linear", "aten::mm",
+                "aten::addmm"),
+    "attention": ("scaled_dot_product_attention", "_scaled_dot_product", "flash_attention"),
+    "KV writes/reads": ("aten::copy_", "aten::index", "aten::slice", "aten::select", "aten::where"),
+    "dtype casts": ("aten::to", "aten::_to_copy"),
+}  # fmt: skip
+
+
+def profile(model_dir: Path) -> None:
+    """Where one decode step's time goes (torch.profiler, self CPU time by kind of op; rest = Python)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="sdpa")
+    cfg = model.config
+    q4 = load_q4_file(model_dir)
+    kv = _SlotKV(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float32, torch.device("cpu"))
+    kv.max_rows = 16
+    kv.ensure(16, 256)
+    print("\n| decode step | wall ms | " + " | ".join(_GROUPS) + " | other ops | Python (wall - ops) |")
+    print("|---|--:|" + "--:|" * (len(_GROUPS) + 2))
+    with torch.inference_mode():
+        for fmt, rows in (("int4", 1), ("fp32", 1), ("fp32", 16), ("int4", 16)):
+            choice = FormatChoice((fmt,) * 4)
+            fwd = CpuForward(model, choice, choice, q4)
+            ids = torch.randint(100, 1000, (rows, 1))
+            pos = torch.full((rows, 1), 160)
+            mask = None if rows == 1 else torch.ones((rows, 1, 1, 161), dtype=torch.bool)
+            kv.rows, kv.write_col, kv.lo, kv.hi = slice(0, rows), 160, 0, 161
+            for _ in range(3):
+                fwd(ids, pos, mask, kv)
+            n = 5
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fwd(ids, pos, mask, kv)
+                wall = 1e3 * (time.perf_counter() - t0) / n
+            sums = dict.fromkeys(_GROUPS, 0.0)
+            other = 0.0
+            for ev in prof.key_averages():
+                ms = ev.self_cpu_time_total / 1e3 / n
+                kind = next((g for g, keys in _GROUPS.items() if any(k in ev.key for k in keys)), None)
+                if kind is None:
+                    other += ms
+                else:
+                    sums[kind] += ms
+            ops = sum(sums.values()) + other
+            cells = " | ".join(f"{v:.1f}" for v in sums.values())
+            print(f"| {fmt} b={rows} | {wall:.1f} | {cells} | {other:.1f} | {max(0.0, wall - ops):.1f} |", flush=True)
+
+
 def q4_diff(model_dir: Path) -> None:
     import gguf
     from gguf.quants import dequantize
@@ -183,6 +240,8 @@ def main() -> None:
         q4_diff(model_dir)
     if "agree" in what:
         agree(model_dir)
+    if "profile" in what:
+        profile(model_dir)
 
 
 if __name__ == "__main__":

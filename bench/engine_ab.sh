@@ -7,13 +7,13 @@
 #   bench/engine_ab.sh "old=/tmp/old" "new=$PWD" "new-fp32=$PWD:weights_dtype=fp32"
 #
 # Knobs (environment): ROUNDS (2), CONCURRENCY ("1 16"), INPUT_LEN (8: with SmolLM2's chat template a
-# 37-token prompt), OUTPUT_LEN (64), PROMPTS_AT_1 (8), PROMPTS_AT_N (32), RESULTS_DIR (bench/results/ab).
+# 37-token prompt), OUTPUT_LEN (64), PROMPTS_AT_1 (8), PROMPTS_AT_N (32), RESULTS_DIR (bench-results/ab).
 # Prints one line per run (tok/s, TTFT p50, TPOT p50) and leaves each run's JSON in RESULTS_DIR.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$root/.venv/bin/python}
-results=${RESULTS_DIR:-$root/bench/results/ab}
+results=${RESULTS_DIR:-$root/bench-results/ab}
 rounds=${ROUNDS:-2}
 mkdir -p "$results"
 [ $# -ge 1 ] || { echo "usage: $0 LABEL=TREE[:KEY=VALUE,...] ..." >&2; exit 2; }

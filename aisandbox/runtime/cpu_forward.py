@@ -29,7 +29,15 @@ from aisandbox.runtime.cpu_weights import (
     q4_1_blocks,
 )
 
-__all__ = ["CpuForward", "Q4_FILE", "build_cpu_forward", "lean_unsupported", "load_q4_file", "swap_linears"]
+__all__ = [
+    "CpuForward",
+    "Q4_FILE",
+    "build_cpu_forward",
+    "lean_unsupported",
+    "load_q4_file",
+    "release_decoder_layers",
+    "swap_linears",
+]
 
 log = logging.getLogger(__name__)
 
@@ -143,19 +151,25 @@ class CpuForward:
         cos, sin = self.rotary(x, positions)
         cos, sin = cos[:, None], sin[:, None]  # [rows, 1, q, d]
         for i, layer in enumerate(self.layers):
-            h = layer.qkv(self._rms(x, layer.ln_in))
-            qs, ks, vs = h.split((hq * d, hk * d, hk * d), dim=-1)
-            qs = qs.view(rows, q, hq, d).transpose(1, 2)
-            ks = ks.view(rows, q, hk, d).transpose(1, 2)
-            vs = vs.view(rows, q, hk, d).transpose(1, 2)
-            qs = qs * cos + _rotate_half(qs) * sin
-            ks = ks * cos + _rotate_half(ks) * sin
+            h = layer.qkv(self._rms(x, layer.ln_in)).view(rows, q, hq + 2 * hk, d).transpose(1, 2)
+            qk = h[:, : hq + hk]  # rotary on q and k heads together: [rows, hq + hk, q, d]
+            qk = qk * cos + _rotate_half(qk) * sin
+            qs, ks, vs = qk[:, :hq], qk[:, hq:], h[:, hq + hk :]
             keys, values = kv.update(ks, vs, i)
             a = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=hq != hk)
             x = x + layer.o(a.transpose(1, 2).reshape(rows, q, hq * d))
             gate, up = layer.gate_up(self._rms(x, layer.ln_post)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         return self.head(self._rms(x[:, -1], self.norm)).float()
+
+
+def release_decoder_layers(model: Any) -> None:
+    """Drop transformers' decoder layers once a `CpuForward` holds their weights (about 430 MB on SmolLM2).
+
+    The embedding, rotary table, final norm and head stay (the forward uses them); the model can no longer run
+    its own forward afterwards.
+    """
+    model.model.layers = torch.nn.ModuleList()
 
 
 def _shapes(model: torch.nn.Module, lean: bool) -> tuple[list[tuple[int, int, int]], tuple[int, int]]:
@@ -179,9 +193,18 @@ def _shapes(model: torch.nn.Module, lean: bool) -> tuple[list[tuple[int, int, in
     return [(n, k, c) for (n, k), c in counts.items()], head_shape
 
 
-def swap_linears(model: torch.nn.Module, choice: FormatChoice, q4: dict[str, Q4Weights] | None = None) -> int:
-    """Replace every float32 CPU Linear of `model` with a BucketedLinear; returns how many were swapped."""
+def swap_linears(
+    model: torch.nn.Module,
+    choice: FormatChoice,
+    q4: dict[str, Q4Weights] | None = None,
+    head: FormatChoice | None = None,
+) -> int:
+    """Replace every float32 CPU Linear of `model` with a BucketedLinear; returns how many were swapped.
+
+    `head`, when given, is the choice for the output layer (`lm_head`).
+    """
     q4 = q4 or {}
+    lm_head = getattr(model, "lm_head", None)
     names = {id(m): n for n, m in model.named_modules()}
     swapped = 0
     for module in list(model.modules()):
@@ -192,7 +215,8 @@ def swap_linears(model: torch.nn.Module, choice: FormatChoice, q4: dict[str, Q4W
                 continue
             full = names.get(id(child), name) + ".weight"
             bias = None if child.bias is None else child.bias.detach()
-            setattr(module, name, BucketedLinear(child.weight.detach(), choice, q4.get(full), bias))
+            use = head if head is not None and child is lm_head else choice
+            setattr(module, name, BucketedLinear(child.weight.detach(), use, q4.get(full), bias))
             swapped += 1
     return swapped
 
@@ -223,7 +247,7 @@ def build_cpu_forward(
     if lean:
         fwd: CpuForward | None = CpuForward(model, body, head, q4)
     else:
-        swap_linears(model, body, q4)
+        swap_linears(model, body, q4, head)
         fwd = None
     line = (
         f"CPU flags [{' '.join(flags) or 'unknown'}]; weights {weights_dtype}: body {body.describe()}; "

@@ -38,7 +38,7 @@ import torch
 
 from aisandbox.errors import EngineDead, EngineNotReady, InvalidRequest, Overloaded
 from aisandbox.runtime.collector import RequestHandle
-from aisandbox.runtime.cpu_forward import CpuForward, build_cpu_forward, load_q4_file
+from aisandbox.runtime.cpu_forward import CpuForward, build_cpu_forward, load_q4_file, release_decoder_layers
 from aisandbox.runtime.tokenizer import Tokenizer, load_tokenizer
 from aisandbox.runtime.types import (
     EngineState,
@@ -386,6 +386,8 @@ class TorchEngine:
             with torch.inference_mode():
                 q4 = load_q4_file(model_path) if cfg.weights_dtype in ("auto", "int4") else {}
                 self._fast, choice = build_cpu_forward(model, cfg.weights_dtype, q4)
+            if self._fast is not None:
+                release_decoder_layers(model)
             log.info("%s", choice)
         self._model = model
         self._device = torch.device(device)
