@@ -15,8 +15,8 @@ Three measurements, each printed as a Markdown table:
 
 * `profile`: where a decode step's time goes, by kind of op (torch.profiler), at batch 1 and 16.
 
-Run: `PYTHONPATH=. .venv/bin/python bench/cpu_formats.py [steps] [q4] [agree] [profile]` (the first three by
-default). The machine may be
+Run: `PYTHONPATH=. .venv/bin/python bench/cpu_formats.py [steps] [q4] [agree] [profile] [threads=N]` (the
+first three by default; threads=1 avoids OpenMP barriers, whose waits dominate on a busy 2-core machine). The machine may be
 shared: read the ratios, which are measured interleaved, before the absolute numbers.
 """
 
@@ -232,7 +232,11 @@ def agree(model_dir: Path) -> None:
 
 
 def main() -> None:
-    what = set(sys.argv[1:]) or {"steps", "q4", "agree"}
+    args = [a for a in sys.argv[1:] if not a.startswith("threads=")]
+    for a in sys.argv[1:]:
+        if a.startswith("threads="):  # e.g. threads=1: no OpenMP barriers, steadier on a shared machine
+            torch.set_num_threads(int(a.split("=", 1)[1]))
+    what = set(args) or {"steps", "q4", "agree"}
     model_dir = prepare_default_model(ServerSettings().cache_dir)
     if "steps" in what:
         steps(model_dir, reps=7)

@@ -10,6 +10,7 @@ transformers' forward, with its Linear layers swapped for `BucketedLinear`s.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,7 +236,12 @@ def build_cpu_forward(
     body_shapes, head_shape = _shapes(model, lean)
     q4 = q4 or {}
     flags = cpu_flags()
+    busy = ""
     if weights_dtype == "auto":
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            load = float(Path("/proc/loadavg").read_text().split()[0])
+            if load > 0.5 * torch.get_num_threads():
+                busy = f"; measured while the machine was busy (load {load:.1f}), pin --weights-dtype if it is off"
         allowed = list(FORMATS)
         head_allowed = allowed if "lm_head.weight" in q4 else [f for f in allowed if f != "int4"]
         body_t = measure_formats(body_shapes, allowed, budget_s * 0.7)
@@ -251,6 +257,6 @@ def build_cpu_forward(
         fwd = None
     line = (
         f"CPU flags [{' '.join(flags) or 'unknown'}]; weights {weights_dtype}: body {body.describe()}; "
-        f"head {head.describe()}; 4-bit source: {'GGUF Q4_1' if q4 else 'none'}; {what}"
+        f"head {head.describe()}; 4-bit source: {'GGUF Q4_1' if q4 else 'none'}; {what}{busy}"
     )
     return fwd, line
