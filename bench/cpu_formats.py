@@ -10,7 +10,7 @@ Three measurements, each printed as a Markdown table:
   `cpu_weights.q4_1_blocks`) and gguf's own dequantization of the same GGUF tensors; also after the scales'
   rounding to bfloat16 that the int4 kernel needs.
 * `agree`: greedy agreement with fp32 on 32 short chat prompts, 64 tokens each (all 32 decoded together
-  through the real engine), per format: prompts whose 64 tokens are identical, and the mean share of tokens
+  through the real engine; `auto@1` one at a time), per format (`formats=int4,auto@1` to pick some): prompts whose 64 tokens are identical, and the mean share of tokens
   before the first difference.
 
 * `profile`: where a decode step's time goes, by kind of op (torch.profiler), at batch 1 and 16.
@@ -200,8 +200,10 @@ def q4_diff(model_dir: Path) -> None:
           f"as the int4 kernel reads them (bf16 scales) {worst_bf16:.3g}")
 
 
-async def _greedy(model_dir: Path, fmt: str, prompts: list[list[int]]) -> list[list[int]]:
-    eng = TorchEngine(TorchEngineConfig(model_path=model_dir, dtype="float32", weights_dtype=fmt, max_batch_size=32))
+async def _greedy(model_dir: Path, fmt: str, prompts: list[list[int]], batch: int = 32) -> list[list[int]]:
+    eng = TorchEngine(
+        TorchEngineConfig(model_path=model_dir, dtype="float32", weights_dtype=fmt, max_batch_size=batch)
+    )
     await eng.start()
     await eng.wait_ready(600)
     sp = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
@@ -224,15 +226,19 @@ def agree(model_dir: Path) -> None:
     prompts = chat_prompts(load_tokenizer(model_dir, "auto"))
     ref = asyncio.run(_greedy(model_dir, "fp32", prompts))
     print("\n| weights | identical of 32 | mean tokens before first difference (of 64) |\n|---|--:|--:|")
-    for fmt in ("bf16", "int8", "int4", "auto"):
-        got = asyncio.run(_greedy(model_dir, fmt, prompts))
+    only = [f for f in sys.argv[1:] if f.startswith("formats=")]
+    fmts = only[0].split("=", 1)[1].split(",") if only else ["bf16", "int8", "int4", "auto", "auto@1"]
+    for fmt in fmts:
+        # auto@1: one prompt at a time (max_batch_size 1), so auto's small-batch formats decode every token.
+        name, _, batch = fmt.partition("@")
+        got = asyncio.run(_greedy(model_dir, name, prompts, int(batch or 32)))
         same = sum(a == b for a, b in zip(ref, got, strict=True))
         prefix = [next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), 64) for a, b in zip(ref, got, strict=True)]
         print(f"| {fmt} | {same} | {statistics.mean(prefix):.1f} |", flush=True)
 
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if not a.startswith("threads=")]
+    args = [a for a in sys.argv[1:] if not a.startswith(("threads=", "formats="))]
     for a in sys.argv[1:]:
         if a.startswith("threads="):  # e.g. threads=1: no OpenMP barriers, steadier on a shared machine
             torch.set_num_threads(int(a.split("=", 1)[1]))
