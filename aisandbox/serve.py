@@ -47,6 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--weights-dtype",
+        choices=["auto", "fp32", "bf16", "int8", "int4"],
+        help="torch backend on CPU: linear weight format; auto measures (default), fp32 is exact",
+    )
     p.add_argument("--tokenizer-mode", choices=["auto", "hf", "mistral"])
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-model-len", type=int)

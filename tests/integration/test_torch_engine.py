@@ -41,7 +41,9 @@ class Tapped(Admission):
 
 
 def make_engine(model_dir: Path, max_batch_size: int = 8, max_queue: int = 256) -> Tapped:
-    config = TorchEngineConfig(model_path=model_dir, dtype="float32", max_batch_size=max_batch_size)
+    config = TorchEngineConfig(
+        model_path=model_dir, dtype="float32", weights_dtype="fp32", max_batch_size=max_batch_size
+    )
     return Tapped(TorchBackend(config), AdmissionLimits(max_queue=max_queue))
 
 

@@ -1,0 +1,279 @@
+"""A lean CPU forward for Llama-family decoders (Llama, Mistral), over the torch engine's slot KV.
+
+transformers' forward costs about as much Python per layer as this model's small matrix multiplies cost on
+two cores (masks, cache objects, attention-interface dispatch, hooks). This forward is the same math with
+fewer calls: q, k and v are one multiply, gate and up are one multiply, attention is one
+`scaled_dot_product_attention` with grouped KV heads, and every linear layer is a `BucketedLinear` in the
+format that `cpu_weights` measured fastest for the call's row count. Any other architecture keeps
+transformers' forward, with its Linear layers swapped for `BucketedLinear`s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from aisandbox.runtime.cpu_weights import (
+    FORMATS,
+    BucketedLinear,
+    FormatChoice,
+    Q4Weights,
+    choose_formats,
+    cpu_flags,
+    measure_formats,
+    q4_1_blocks,
+)
+
+__all__ = [
+    "CpuForward",
+    "Q4_FILE",
+    "build_cpu_forward",
+    "lean_unsupported",
+    "load_q4_file",
+    "release_decoder_layers",
+    "swap_linears",
+]
+
+log = logging.getLogger(__name__)
+
+Q4_FILE = "q4_1.safetensors"
+"""Next to a converted GGUF model: each Q4_1 weight's raw blocks, rows in the Hugging Face order."""
+
+
+def load_q4_file(model_dir: Path) -> dict[str, Q4Weights]:
+    """The 4-bit weights stored next to a converted GGUF model, by Hugging Face parameter name ({} if none)."""
+    path = Path(model_dir) / Q4_FILE
+    if not path.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    out: dict[str, Q4Weights] = {}
+    tensors = load_file(str(path))
+    for name, raw in tensors.items():
+        if not name.endswith(".q4_1"):
+            continue
+        n, k = (int(v) for v in tensors[name[: -len(".q4_1")] + ".shape"].tolist())
+        out[name[: -len(".q4_1")]] = q4_1_blocks(raw, n, k)
+    return out
+
+
+def lean_unsupported(model: torch.nn.Module) -> str | None:
+    """Why the lean forward cannot run this model, or None when it can."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in ("llama", "mistral"):
+        return f"architecture {getattr(cfg, 'model_type', None)!r} is not llama or mistral"
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        return "biased projections"
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
+        return "activation or tensor-parallel layout"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return "unexpected module layout"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    ln_in: torch.Tensor
+    ln_post: torch.Tensor
+    qkv: BucketedLinear
+    o: BucketedLinear
+    gate_up: BucketedLinear
+    down: BucketedLinear
+
+
+def _cat_q4(parts: list[Q4Weights | None]) -> Q4Weights | None:
+    if any(p is None for p in parts):
+        return None
+    return Q4Weights(
+        torch.cat([p.q for p in parts]),  # type: ignore[union-attr]
+        torch.cat([p.scale for p in parts]),  # type: ignore[union-attr]
+        torch.cat([p.low for p in parts]),  # type: ignore[union-attr]
+    )
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class CpuForward:
+    """The decoder's forward in a few fused calls per layer; returns last-position logits [rows, vocab]."""
+
+    def __init__(
+        self, model: Any, body: FormatChoice, head: FormatChoice, q4: dict[str, Q4Weights] | None = None
+    ) -> None:
+        q4 = q4 or {}
+        cfg = model.config
+        inner = model.model
+        self.heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
+        self.eps = float(cfg.rms_norm_eps)
+        self.hidden = int(cfg.hidden_size)
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.norm = inner.norm.weight.detach()
+        self.layers: list[_Layer] = []
+        for i, layer in enumerate(inner.layers):
+            att, mlp = layer.self_attn, layer.mlp
+            p = f"model.layers.{i}."
+            names = [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
+            qkv_w = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]).detach()
+            gu_w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+            self.layers.append(
+                _Layer(
+                    ln_in=layer.input_layernorm.weight.detach(),
+                    ln_post=layer.post_attention_layernorm.weight.detach(),
+                    qkv=BucketedLinear(qkv_w, body, _cat_q4([q4.get(n) for n in names])),
+                    o=BucketedLinear(att.o_proj.weight, body, q4.get(p + "self_attn.o_proj.weight")),
+                    gate_up=BucketedLinear(
+                        gu_w, body, _cat_q4([q4.get(p + "mlp.gate_proj.weight"), q4.get(p + "mlp.up_proj.weight")])
+                    ),
+                    down=BucketedLinear(mlp.down_proj.weight, body, q4.get(p + "mlp.down_proj.weight")),
+                )
+            )
+        self.head = BucketedLinear(model.lm_head.weight, head, q4.get("lm_head.weight"))
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (self.hidden,), w, self.eps)
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        kv: Any,
+        all_positions: bool = False,
+    ) -> torch.Tensor:
+        """input_ids, positions: [rows, q]; mask: bool [rows, 1, q, cols] or None (all true); kv: `_SlotKV`.
+
+        Returns the last position's logits [rows, vocab], or every position's [rows, q, vocab] (prompt logprobs).
+        """
+        rows, q = input_ids.shape
+        hq, hk, d = self.heads, self.kv_heads, self.head_dim
+        x = self.embed(input_ids)
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos[:, None], sin[:, None]  # [rows, 1, q, d]
+        for i, layer in enumerate(self.layers):
+            h = layer.qkv(self._rms(x, layer.ln_in)).view(rows, q, hq + 2 * hk, d).transpose(1, 2)
+            qk = h[:, : hq + hk]  # rotary on q and k heads together: [rows, hq + hk, q, d]
+            qk = qk * cos + _rotate_half(qk) * sin
+            qs, ks, vs = qk[:, :hq], qk[:, hq:], h[:, hq + hk :]
+            keys, values = kv.update(ks, vs, i)
+            a = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=hq != hk)
+            x = x + layer.o(a.transpose(1, 2).reshape(rows, q, hq * d))
+            gate, up = layer.gate_up(self._rms(x, layer.ln_post)).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        if all_positions:
+            flat = self._rms(x.reshape(rows * q, -1), self.norm)
+            return self.head(flat).float().view(rows, q, -1)
+        return self.head(self._rms(x[:, -1], self.norm)).float()
+
+
+def release_decoder_layers(model: Any) -> None:
+    """Drop transformers' decoder layers once a `CpuForward` holds their weights (about 430 MB on SmolLM2).
+
+    The embedding, rotary table, final norm and head stay (the forward uses them); the model can no longer run
+    its own forward afterwards.
+    """
+    model.model.layers = torch.nn.ModuleList()
+
+
+def _shapes(model: torch.nn.Module, lean: bool) -> tuple[list[tuple[int, int, int]], tuple[int, int]]:
+    """The body's distinct linear shapes (N, K, count) as the forward will call them, and the head's."""
+    head = getattr(model, "lm_head", None)
+    counts: dict[tuple[int, int], int] = {}
+    if lean:
+        cfg: Any = model.config
+        hq = int(cfg.num_attention_heads)
+        hk = int(getattr(cfg, "num_key_value_heads", None) or hq)
+        d = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // hq)
+        h, inter, n = int(cfg.hidden_size), int(cfg.intermediate_size), int(cfg.num_hidden_layers)
+        for shape in ((hq * d + 2 * hk * d, h), (h, hq * d), (2 * inter, h), (h, inter)):
+            counts[shape] = counts.get(shape, 0) + n
+    else:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not head:
+                shape = (module.out_features, module.in_features)
+                counts[shape] = counts.get(shape, 0) + 1
+    head_shape = (head.out_features, head.in_features) if isinstance(head, torch.nn.Linear) else (0, 0)
+    return [(n, k, c) for (n, k), c in counts.items()], head_shape
+
+
+def swap_linears(
+    model: torch.nn.Module,
+    choice: FormatChoice,
+    q4: dict[str, Q4Weights] | None = None,
+    head: FormatChoice | None = None,
+) -> int:
+    """Replace every float32 CPU Linear of `model` with a BucketedLinear; returns how many were swapped.
+
+    `head`, when given, is the choice for the output layer (`lm_head`).
+    """
+    q4 = q4 or {}
+    lm_head = getattr(model, "lm_head", None)
+    names = {id(m): n for n, m in model.named_modules()}
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if not (isinstance(child, torch.nn.Linear) and child.weight.dtype == torch.float32):
+                continue
+            if child.weight.device.type != "cpu":
+                continue
+            full = names.get(id(child), name) + ".weight"
+            bias = None if child.bias is None else child.bias.detach()
+            use = head if head is not None and child is lm_head else choice
+            setattr(module, name, BucketedLinear(child.weight.detach(), use, q4.get(full), bias))
+            swapped += 1
+    return swapped
+
+
+def build_cpu_forward(
+    model: Any, weights_dtype: str, q4: dict[str, Q4Weights] | None = None, budget_s: float = 1.0
+) -> tuple[CpuForward | None, str]:
+    """Choose the weight formats for this machine and build the forward; returns (lean forward or None, log line).
+
+    weights_dtype: `auto` measures every format; a format's name uses it at every row count. A model whose
+    head has no 4-bit source never gets an int4 head from `auto` (requantizing the output layer to 4 bits
+    changes greedy picks far more than the body does).
+    """
+    reason = lean_unsupported(model)
+    lean = reason is None
+    body_shapes, head_shape = _shapes(model, lean)
+    q4 = q4 or {}
+    flags = cpu_flags()
+    busy = ""
+    if weights_dtype == "auto":
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            load = float(Path("/proc/loadavg").read_text().split()[0])
+            if load > 0.5 * torch.get_num_threads():
+                busy = f"; measured while the machine was busy (load {load:.1f}), pin --weights-dtype if it is off"
+        allowed = list(FORMATS)
+        head_allowed = allowed if "lm_head.weight" in q4 else [f for f in allowed if f != "int4"]
+        body_t = measure_formats(body_shapes, allowed, budget_s * 0.7)
+        head_t = measure_formats([(*head_shape, 1)], head_allowed, budget_s * 0.3) if head_shape[0] else {}
+        body, head = choose_formats(body_t, allowed), choose_formats(head_t, head_allowed)
+    else:
+        body = head = FormatChoice((weights_dtype,) * 4)
+        if weights_dtype == "int4" and "lm_head.weight" not in q4:
+            # The output layer has no 4-bit source (the GGUF keeps it in 8 bits): 4 bits there cost greedy
+            # agreement far more than in the body (measured: 0 of 32 prompts identical vs fp32, against 6 of 8).
+            head = FormatChoice(("int8",) * 4)
+    what = f"lean forward ({len(model.model.layers)} layers)" if lean else f"transformers' forward ({reason})"
+    if lean:
+        fwd: CpuForward | None = CpuForward(model, body, head, q4)
+    else:
+        swap_linears(model, body, q4, head)
+        fwd = None
+    line = (
+        f"CPU flags [{' '.join(flags) or 'unknown'}]; weights {weights_dtype}: body {body.describe()}; "
+        f"head {head.describe()}; 4-bit source: {'GGUF Q4_1' if q4 else 'none'}; {what}{busy}"
+    )
+    return fwd, line

@@ -1,0 +1,352 @@
+"""Linear-layer weight formats for CPU inference, and the choice among them, measured on this machine.
+
+Four formats, each backed by one of PyTorch's own CPU kernels (no kernels of our own):
+
+* `fp32`: the float32 weight, reordered once by oneDNN (`mkldnn._linear_pointwise`); exact.
+* `bf16`: bfloat16 weight and activations (`F.linear`); fast only where the CPU has bf16 dot products.
+* `int8`: int8 weight, one scale per output row (`aten._weight_int8pack_mm`), bfloat16 activations.
+* `int4`: 4-bit weight in groups of 32 along the input, a scale and a zero per group
+  (`aten._weight_int4pack_mm_for_cpu`), bfloat16 activations. A GGUF's Q4_1 blocks (4-bit values in groups
+  of 32 with a scale and a minimum) map onto this layout as they are: w = d*q + m = d*(q - 8) + (m + 8d).
+
+Where PyTorch's kernels fall short (measured on a 2-core AVX2 EPYC, torch 2.13): both weight-only kernels
+also accept float32 activations, but take a scalar path then, 6-20x slower than with bfloat16 activations,
+so those variants are not offered; and the kernels want the scales in the activations' dtype, so the int4
+format keeps Q4_1's float16 scales as bfloat16 (the `q4_max_abs_diff` of the load log says what that costs).
+
+Which format is fastest depends on the CPU and on how many rows (tokens) a step multiplies: at one decode
+row the step reads the weights once and the smallest format wins; at 16 or more rows the multiply becomes
+compute bound and float32 with oneDNN can win on a CPU without bf16 instructions. So `choose_formats` times
+every allowed format on the model's own layer shapes at a few row counts (about a second at load) and picks
+one per row bucket; `BucketedLinear` then holds one copy of the layer per format in use and dispatches on
+the rows of each call.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "BUCKETS",
+    "FORMATS",
+    "BucketedLinear",
+    "FormatChoice",
+    "Q4Weights",
+    "choose_formats",
+    "cpu_flags",
+    "last_level_cache_bytes",
+    "make_linear",
+    "measure_formats",
+    "q4_1_blocks",
+    "quantize_q4",
+]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("fp32", "bf16", "int8", "int4")
+BUCKETS = (1, 4, 16, 64)
+"""Rows (tokens) per call at which formats are timed; a call with r rows uses the bucket of the smallest
+measured count >= r (the last bucket beyond). 1: one decode stream; 4, 16: batched decode; 64: prefill."""
+GROUP = 32
+
+_FLAGS_OF_INTEREST = (
+    "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+    "amx_tile", "amx_bf16", "amx_int8",
+)  # fmt: skip
+
+
+def cpu_flags(path: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The CPU's SIMD flags that matter to these kernels (empty where /proc/cpuinfo is not readable)."""
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in _FLAGS_OF_INTEREST if f in have]
+    return []
+
+
+# ---- 4-bit weights ----
+
+
+@dataclass(frozen=True, slots=True)
+class Q4Weights:
+    """A [N, K] weight as 4-bit values in groups of 32 along K: w[n, k] = scale[n, g] * q[n, k] + low[n, g].
+
+    q: uint8 [N, K] in 0..15; scale, low: float32 [N, K // 32], g = k // 32.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    low: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [N, K]."""
+        n, k = self.q.shape
+        w = self.q.float().view(n, k // GROUP, GROUP) * self.scale[..., None] + self.low[..., None]
+        return w.view(n, k)
+
+    def rows(self, index: torch.Tensor) -> Q4Weights:
+        """The same weight with its output rows reordered (row i of the result is row index[i])."""
+        return Q4Weights(self.q[index], self.scale[index], self.low[index])
+
+
+def quantize_q4(w: torch.Tensor) -> Q4Weights:
+    """Asymmetric 4-bit quantization of a float weight [N, K] in groups of 32 (min and max of each group)."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // GROUP, GROUP)
+    low, high = g.amin(-1), g.amax(-1)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    q = ((g - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+    return Q4Weights(q.reshape(n, k), scale, low)
+
+
+def q4_1_blocks(raw: torch.Tensor, n: int, k: int) -> Q4Weights:
+    """Read GGUF Q4_1 blocks as they are stored: raw uint8 [N, K // 32 * 20], each block 20 bytes.
+
+    A block is d (float16), m (float16) and 16 bytes of nibbles: element j is byte j's low nibble, element
+    j + 16 its high nibble; the value is d * q + m.
+    """
+    blocks = raw.reshape(n, k // GROUP, 20)
+    dm = blocks[..., :4].contiguous().view(torch.float16).float()  # [N, K/32, 2]
+    qs = blocks[..., 4:]
+    q = torch.cat((qs & 0x0F, qs >> 4), dim=-1)  # [N, K/32, 32]
+    return Q4Weights(q.reshape(n, k).contiguous(), dm[..., 0].contiguous(), dm[..., 1].contiguous())
+
+
+# ---- one layer in one format ----
+
+
+class _Fp32(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = weight.detach().float().contiguous()
+        self.packed: torch.Tensor | None = None
+        if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            with contextlib.suppress(RuntimeError):
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+class _Bf16(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = weight.detach().to(torch.bfloat16).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+
+
+class _Int8(torch.nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        w = weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        self.q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+        self.scale = scale.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.q, self.scale)
+        return y.to(x.dtype).view(*shape[:-1], -1)
+
+
+class _Int4(torch.nn.Module):
+    def __init__(self, q4: Q4Weights) -> None:
+        super().__init__()
+        self.out_features = q4.q.shape[0]
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.q.to(torch.int32).contiguous(), 1)
+        # The kernel computes (q - 8) * scale + zero, per group, with scale_zero [K/32, N, 2].
+        zero = q4.low + 8 * q4.scale
+        self.scale_zero = torch.stack((q4.scale.t(), zero.t()), dim=-1).to(torch.bfloat16).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed, GROUP, self.scale_zero
+        )
+        return y.to(x.dtype).view(*shape[:-1], -1)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float32 weight this layer multiplies by (after the scales' rounding to bfloat16)."""
+        eye = torch.eye(self.scale_zero.shape[0] * GROUP, dtype=torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP, self.scale_zero)
+        return y.float().t().contiguous()
+
+
+def make_linear(fmt: str, weight: torch.Tensor, q4: Q4Weights | None = None) -> torch.nn.Module:
+    """One [N, K] bias-free linear layer in format `fmt`; int4 uses `q4` when given, else quantizes `weight`."""
+    if fmt == "fp32":
+        return _Fp32(weight)
+    if fmt == "bf16":
+        return _Bf16(weight)
+    if fmt == "int8":
+        return _Int8(weight)
+    if fmt == "int4":
+        return _Int4(q4 if q4 is not None else quantize_q4(weight))
+    raise ValueError(f"unknown weight format {fmt!r}")
+
+
+def supports(fmt: str, n: int, k: int) -> bool:
+    """Whether format `fmt` can hold an [N, K] weight (the 4-bit kernel needs whole groups and N % 16 == 0)."""
+    if fmt == "int4":
+        return k % GROUP == 0 and n % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+    if fmt == "int8":
+        return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+    return True
+
+
+# ---- the choice ----
+
+
+@dataclass(frozen=True, slots=True)
+class FormatChoice:
+    """Which format serves each row bucket, and the timings it was chosen from."""
+
+    by_bucket: tuple[str, ...]
+    """by_bucket[i] serves calls of up to BUCKETS[i] rows (the last one beyond)."""
+    timings_ms: dict[tuple[str, int], float] = field(default_factory=dict)
+    """(format, rows) -> measured ms for all of the model's linear layers once."""
+
+    def fmt_for_rows(self, rows: int) -> str:
+        return self.by_bucket[min(bisect.bisect_left(BUCKETS, rows), len(BUCKETS) - 1)]
+
+    def formats(self) -> list[str]:
+        return sorted(set(self.by_bucket), key=FORMATS.index)
+
+    def describe(self) -> str:
+        parts = []
+        for i, rows in enumerate(BUCKETS):
+            times = ", ".join(
+                f"{f} {self.timings_ms[(f, rows)]:.1f}" for f in FORMATS if (f, rows) in self.timings_ms
+            )
+            parts.append(f"rows<={rows}: {self.by_bucket[i]}" + (f" ({times} ms)" if times else ""))
+        return "; ".join(parts)
+
+
+def choose_formats(
+    timings_ms: dict[tuple[str, int], float], allowed: Sequence[str], margin: float = 0.05
+) -> FormatChoice:
+    """Pick the fastest allowed format per bucket; fp32 (exact) wins unless another is `margin` faster."""
+    chosen = []
+    for rows in BUCKETS:
+        best = "fp32" if "fp32" in allowed and ("fp32", rows) in timings_ms else None
+        for fmt in allowed:
+            t = timings_ms.get((fmt, rows))
+            if t is None:
+                continue
+            if best is None:
+                best = fmt
+                continue
+            bar = timings_ms[(best, rows)] * (1 - margin if best == "fp32" else 1.0)
+            if t < bar:
+                best = fmt
+        chosen.append(best if best is not None else allowed[0])
+    return FormatChoice(tuple(chosen), dict(timings_ms))
+
+
+def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
+    """The largest CPU cache, from sysfs (`default` where it cannot be read)."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        with contextlib.suppress(OSError, ValueError):
+            text = path.read_text().strip().upper()
+            unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes, default=default)
+
+
+def measure_formats(
+    shapes: Iterable[tuple[int, int, int]],
+    allowed: Sequence[str],
+    budget_s: float = 1.0,
+    weights: dict[tuple[int, int], torch.Tensor] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[tuple[str, int], float]:
+    """Time each allowed format on the model's layer shapes at each bucket's row count.
+
+    shapes: (N, K, count) per distinct shape. Each (format, rows) is the sum over shapes of count x the best
+    time of one call on one layer of that shape, in ms. In a forward every layer's weights come from memory
+    (the model is larger than the cache), so each timed call follows a sweep of twice the last-level cache:
+    timing one layer's repeated calls would hand the larger formats a cache the real step never gives them.
+    Formats are interleaved, and the rounds repeat while time is left in the budget (at least two), so that a
+    busy neighbour disturbs them all alike.
+    """
+    shapes = list(shapes)
+    layers: dict[tuple[str, int, int], torch.nn.Module] = {}
+    for n, k, _ in shapes:
+        w = weights[(n, k)] if weights and (n, k) in weights else torch.randn(n, k) * 0.02
+        for fmt in allowed:
+            if supports(fmt, n, k):
+                layers[(fmt, n, k)] = make_linear(fmt, w)
+    sweep = torch.zeros(2 * last_level_cache_bytes() // 4)
+    best: dict[tuple[str, int, int, int], float] = {}
+    start = clock()
+    rounds = 0
+    with torch.inference_mode():
+        inputs = {(rows, k): torch.randn(rows, k) for rows in BUCKETS for _, k, _ in shapes}
+        for (_fmt, _n, k), layer in layers.items():  # first calls allocate; keep them out of the timings
+            layer(inputs[(1, k)])
+        while rounds < 2 or (clock() - start < budget_s and rounds < 20):
+            rounds += 1
+            for rows in BUCKETS:
+                for fmt in allowed:
+                    for n, k, _ in shapes:
+                        layer = layers.get((fmt, n, k))
+                        if layer is None:
+                            continue
+                        x = inputs[(rows, k)]
+                        sweep.add_(1.0)  # evict the weights from every cache level
+                        t0 = clock()
+                        layer(x)
+                        key = (fmt, rows, n, k)
+                        best[key] = min(best.get(key, float("inf")), clock() - t0)
+    timings: dict[tuple[str, int], float] = {}
+    for fmt in allowed:
+        for rows in BUCKETS:
+            keys = [(fmt, rows, n, k) for n, k, _ in shapes]
+            if all(key in best for key in keys):
+                timings[(fmt, rows)] = 1e3 * sum(best[(fmt, rows, n, k)] * c for n, k, c in shapes)
+    return timings
+
+
+class BucketedLinear(torch.nn.Module):
+    """A bias-free linear layer held in one or more formats; each call uses its row count's format."""
+
+    def __init__(
+        self, weight: torch.Tensor, choice: FormatChoice, q4: Q4Weights | None = None, bias: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        n, k = weight.shape
+        self.in_features, self.out_features = k, n
+        self.bias = None if bias is None else bias.detach().float()
+        impls: dict[str, torch.nn.Module] = {}
+        by_bucket: list[torch.nn.Module] = []
+        for fmt in choice.by_bucket:
+            use = fmt if supports(fmt, n, k) else "fp32"
+            if use not in impls:
+                impls[use] = make_linear(use, weight, q4 if use == "int4" else None)
+            by_bucket.append(impls[use])
+        self.impls = torch.nn.ModuleDict(impls)
+        self._by_bucket = by_bucket
+        self._single = by_bucket[0] if len(impls) == 1 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        impl = self._single
+        if impl is None:
+            rows = x.numel() // x.shape[-1]
+            impl = self._by_bucket[min(bisect.bisect_left(BUCKETS, rows), len(BUCKETS) - 1)]
+        y = impl(x)
+        return y if self.bias is None else y + self.bias

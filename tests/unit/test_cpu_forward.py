@@ -1,0 +1,95 @@
+"""The lean CPU forward against transformers' own, on a tiny random Llama (prefill then decode, slot KV)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from aisandbox.runtime.cpu_forward import CpuForward, build_cpu_forward, lean_unsupported, swap_linears
+from aisandbox.runtime.cpu_weights import FormatChoice
+from aisandbox.runtime.torch_backend import _SlotKV
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _run(fwd, model, prompt: list[int], steps: int) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    """Prefill `prompt` then decode `steps` greedy tokens; the logits of each step."""
+    cfg = model.config
+    kv = _SlotKV(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float32, torch.device("cpu"))
+    kv.ensure(1, 64)
+    n = len(prompt)
+    kv.rows, kv.write_col, kv.lo, kv.hi = slice(0, 1), 0, 0, n
+    mask = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    logits = [fwd(torch.tensor([prompt]), torch.arange(n)[None], mask, kv)]
+    for step in range(steps):
+        col = n + step
+        kv.write_col, kv.hi = col, col + 1
+        token = int(logits[-1].argmax())
+        logits.append(fwd(torch.tensor([[token]]), torch.tensor([[col]]), None, kv))
+    return logits
+
+
+def _reference(model, prompt: list[int], steps: int) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    ids = list(prompt)
+    out = []
+    for _ in range(steps + 1):
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        out.append(logits[None])
+        ids.append(int(logits.argmax()))
+    return out
+
+
+@pytest.mark.parametrize("fmt, tol", [("fp32", 1e-4), ("bf16", 0.05), ("int8", 0.05), ("int4", 0.15)])
+def test_lean_forward_matches_transformers(tiny_llama, fmt: str, tol: float) -> None:  # type: ignore[no-untyped-def]
+    assert lean_unsupported(tiny_llama) is None
+    choice = FormatChoice((fmt,) * 4)
+    prompt = [1, 17, 42, 99, 7, 3, 250, 11]
+    with torch.inference_mode():
+        ours = _run(CpuForward(tiny_llama, choice, choice), tiny_llama, prompt, 6)
+        ref = _reference(tiny_llama, prompt, 6)
+    for a, b in zip(ours, ref, strict=True):
+        assert (a - b).abs().max() <= tol * b.abs().max(), fmt
+    if fmt == "fp32":
+        assert [int(t.argmax()) for t in ours] == [int(t.argmax()) for t in ref]
+
+
+def test_other_architectures_keep_transformers_forward(tiny_llama) -> None:  # type: ignore[no-untyped-def]
+    model = copy.deepcopy(tiny_llama)
+    model.config.model_type = "something-else"
+    with torch.inference_mode():
+        ids = torch.tensor([[1, 5, 9, 200]])
+        before = model(input_ids=ids).logits
+        fwd, line = build_cpu_forward(model, "fp32")
+        after = model(input_ids=ids).logits
+    assert fwd is None and "transformers' forward" in line
+    assert torch.allclose(before, after, atol=1e-4)
+
+
+def test_auto_measures_and_logs_its_choice(tiny_llama) -> None:  # type: ignore[no-untyped-def]
+    with torch.inference_mode():
+        fwd, line = build_cpu_forward(copy.deepcopy(tiny_llama), "auto", budget_s=0.05)
+    assert isinstance(fwd, CpuForward)
+    assert "CPU flags [" in line and "rows<=1:" in line and "head rows<=1:" in line
+    # No 4-bit source for the head: auto never requantizes the output layer to 4 bits.
+    assert "head rows<=1: int4" not in line
+
+
+def test_swap_linears_keeps_bias(tiny_llama) -> None:  # type: ignore[no-untyped-def]
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        ref = layer(x)
+        assert swap_linears(layer, FormatChoice(("fp32",) * 4)) == 1
+        assert torch.allclose(layer(x), ref, atol=1e-5)
