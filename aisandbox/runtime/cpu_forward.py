@@ -144,7 +144,9 @@ class CpuForward:
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (self.hidden,), w, self.eps)
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, kv: Any) -> torch.Tensor:
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, kv: Any
+    ) -> torch.Tensor:
         """input_ids, positions: [rows, q]; mask: bool [rows, 1, q, cols] or None (all true); kv: `_SlotKV`."""
         rows, q = input_ids.shape
         hq, hk, d = self.heads, self.kv_heads, self.head_dim
@@ -161,7 +163,8 @@ class CpuForward:
             x = x + layer.o(a.transpose(1, 2).reshape(rows, q, hq * d))
             gate, up = layer.gate_up(self._rms(x, layer.ln_post)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
-        return self.head(self._rms(x[:, -1], self.norm)).float()
+        logits: torch.Tensor = self.head(self._rms(x[:, -1], self.norm))
+        return logits.float()
 
 
 def release_decoder_layers(model: Any) -> None:

@@ -499,9 +499,7 @@ class TorchEngine:
             group.append(waiting.popleft())
         return group
 
-    def _forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Run the model on the rows and columns set in self._kv; return last-position logits [rows, vocab].
 
         mask: bool [rows, 1, q, cols], True where a query may attend; None when every column is visible.
@@ -509,7 +507,9 @@ class TorchEngine:
         if self._fast is not None:
             return self._fast(input_ids, positions, mask, self._kv)
         if mask is None:
-            mask = torch.ones((input_ids.shape[0], 1, 1, self._kv.hi - self._kv.lo), dtype=torch.bool, device=self._device)
+            mask = torch.ones(
+                (input_ids.shape[0], 1, 1, self._kv.hi - self._kv.lo), dtype=torch.bool, device=self._device
+            )
         out = self._model(
             input_ids=input_ids,
             attention_mask=mask,
