@@ -10,14 +10,13 @@ Three measurements, each printed as a Markdown table:
   `cpu_weights.q4_1_blocks`) and gguf's own dequantization of the same GGUF tensors; also after the scales'
   rounding to bfloat16 that the int4 kernel needs.
 * `agree`: greedy agreement with fp32 on 32 short chat prompts, 64 tokens each (all 32 decoded together
-  through the real engine; `auto@1` one at a time), per format (`formats=int4,auto@1` to pick some): prompts whose 64 tokens are identical, and the mean share of tokens
-  before the first difference.
-
+  through the real engine; `auto@1` one at a time), per format (`formats=int4,auto@1` to pick some):
+  prompts whose 64 tokens are identical, and the mean count of tokens before the first difference.
 * `profile`: where a decode step's time goes, by kind of op (torch.profiler), at batch 1 and 16.
 
 Run: `PYTHONPATH=. .venv/bin/python bench/cpu_formats.py [steps] [q4] [agree] [profile] [threads=N]` (the
-first three by default; threads=1 avoids OpenMP barriers, whose waits dominate on a busy 2-core machine). The machine may be
-shared: read the ratios, which are measured interleaved, before the absolute numbers.
+first three by default; threads=1 avoids OpenMP barriers, whose waits dominate on a busy 2-core machine).
+The machine may be shared: read the ratios, which are measured interleaved, before the absolute numbers.
 """
 
 from __future__ import annotations
@@ -89,8 +88,9 @@ def steps(model_dir: Path, reps: int) -> None:
         else:
             if mask is None:
                 mask = torch.ones((rows, 1, 1, 161), dtype=torch.bool)
-            fwd(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                **{cache_kw: kv})  # type: ignore[operator]
+            fwd(
+                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{cache_kw: kv}
+            )  # type: ignore[operator]
         return 1e3 * (time.perf_counter() - t0)
 
     shapes = {"decode b=1": (1, 1), "decode b=16": (16, 1), "prefill 37 tok": (1, 37)}
@@ -195,14 +195,14 @@ def q4_diff(model_dir: Path) -> None:
         eff = (w.q.float() - 8).view(n, -1, 32) * s[..., None] + z[..., None]
         worst_bf16 = max(worst_bf16, float((eff.view(n, -1) - theirs).abs().max()))
         count += 1
-    print(f"\nQ4_1 tensors: {count}; max abs diff vs gguf's dequantize: stored blocks {worst:.3g}, "
-          f"as the int4 kernel reads them (bf16 scales) {worst_bf16:.3g}")
+    print(
+        f"\nQ4_1 tensors: {count}; max abs diff vs gguf's dequantize: stored blocks {worst:.3g}, "
+        f"as the int4 kernel reads them (bf16 scales) {worst_bf16:.3g}"
+    )
 
 
 async def _greedy(model_dir: Path, fmt: str, prompts: list[list[int]], batch: int = 32) -> list[list[int]]:
-    eng = TorchEngine(
-        TorchEngineConfig(model_path=model_dir, dtype="float32", weights_dtype=fmt, max_batch_size=batch)
-    )
+    eng = TorchEngine(TorchEngineConfig(model_path=model_dir, dtype="float32", weights_dtype=fmt, max_batch_size=batch))
     await eng.start()
     await eng.wait_ready(600)
     sp = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
@@ -232,7 +232,10 @@ def agree(model_dir: Path) -> None:
         name, _, batch = fmt.partition("@")
         got = asyncio.run(_greedy(model_dir, name, prompts, int(batch or 32)))
         same = sum(a == b for a, b in zip(ref, got, strict=True))
-        prefix = [next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), 64) for a, b in zip(ref, got, strict=True)]
+        prefix = [
+            next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), 64)
+            for a, b in zip(ref, got, strict=True)
+        ]
         print(f"| {fmt} | {same} | {statistics.mean(prefix):.1f} |", flush=True)
 
 

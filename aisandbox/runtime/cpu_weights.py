@@ -130,14 +130,17 @@ class _Fp32(torch.nn.Module):
         super().__init__()
         self.weight = weight.detach().float().contiguous()
         self.packed: torch.Tensor | None = None
-        if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        if torch.backends.mkldnn.is_available() and hasattr(  # type: ignore[no-untyped-call]
+            torch.ops.mkldnn, "_linear_pointwise"
+        ):
             with contextlib.suppress(RuntimeError):
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return y
 
 
 class _Bf16(torch.nn.Module):
@@ -159,7 +162,9 @@ class _Int8(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.q, self.scale)
+        y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(
+            x.reshape(-1, shape[-1]).to(torch.bfloat16), self.q, self.scale
+        )
         return y.to(x.dtype).view(*shape[:-1], -1)
 
 
@@ -174,16 +179,10 @@ class _Int4(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed, GROUP, self.scale_zero
         )
         return y.to(x.dtype).view(*shape[:-1], -1)
-
-    def effective_weight(self) -> torch.Tensor:
-        """The float32 weight this layer multiplies by (after the scales' rounding to bfloat16)."""
-        eye = torch.eye(self.scale_zero.shape[0] * GROUP, dtype=torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP, self.scale_zero)
-        return y.float().t().contiguous()
 
 
 def make_linear(fmt: str, weight: torch.Tensor, q4: Q4Weights | None = None) -> torch.nn.Module:
@@ -229,9 +228,7 @@ class FormatChoice:
     def describe(self) -> str:
         parts = []
         for i, rows in enumerate(BUCKETS):
-            times = ", ".join(
-                f"{f} {self.timings_ms[(f, rows)]:.1f}" for f in FORMATS if (f, rows) in self.timings_ms
-            )
+            times = ", ".join(f"{f} {self.timings_ms[(f, rows)]:.1f}" for f in FORMATS if (f, rows) in self.timings_ms)
             parts.append(f"rows<={rows}: {self.by_bucket[i]}" + (f" ({times} ms)" if times else ""))
         return "; ".join(parts)
 
@@ -304,13 +301,13 @@ def measure_formats(
             for rows in BUCKETS:
                 for fmt in allowed:
                     for n, k, _ in shapes:
-                        layer = layers.get((fmt, n, k))
-                        if layer is None:
+                        timed = layers.get((fmt, n, k))
+                        if timed is None:
                             continue
                         x = inputs[(rows, k)]
                         sweep.add_(1.0)  # evict the weights from every cache level
                         t0 = clock()
-                        layer(x)
+                        timed(x)
                         key = (fmt, rows, n, k)
                         best[key] = min(best.get(key, float("inf")), clock() - t0)
     timings: dict[tuple[str, int], float] = {}
@@ -348,5 +345,5 @@ class BucketedLinear(torch.nn.Module):
         if impl is None:
             rows = x.numel() // x.shape[-1]
             impl = self._by_bucket[min(bisect.bisect_left(BUCKETS, rows), len(BUCKETS) - 1)]
-        y = impl(x)
+        y: torch.Tensor = impl(x)
         return y if self.bias is None else y + self.bias
