@@ -223,8 +223,21 @@ def _parse_json(data: bytes, max_depth: int) -> Any:
     return value
 
 
-async def read_json(req: falcon.asgi.Request, max_bytes: int, max_depth: int) -> Any:
-    """The request's JSON body, read within `max_bytes` and parsed off the loop when large."""
+def _parse_request(data: bytes, max_depth: int, schema: type[schemas._SamplingFields]) -> Any:
+    """Parse and validate a request body (JSON, depth, then the OpenAI schema)."""
+    body = _parse_json(data, max_depth)
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
+    try:
+        return schema.model_validate(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+async def read_request(
+    req: falcon.asgi.Request, max_bytes: int, max_depth: int, schema: type[schemas._SamplingFields]
+) -> Any:
+    """The request's body, read within `max_bytes`, parsed and validated; off the loop when it is large."""
     if req.content_length is not None and req.content_length > max_bytes:
         raise RequestTooLarge(max_bytes)
     data = await req.stream.read(max_bytes + 1)
@@ -233,8 +246,8 @@ async def read_json(req: falcon.asgi.Request, max_bytes: int, max_depth: int) ->
     if not data:
         raise InvalidJson("The body is empty.")
     if len(data) <= _PARSE_INLINE_BYTES:
-        return _parse_json(data, max_depth)
-    return await asyncio.get_running_loop().run_in_executor(None, _parse_json, data, max_depth)
+        return _parse_request(data, max_depth, schema)
+    return await asyncio.get_running_loop().run_in_executor(None, _parse_request, data, max_depth, schema)
 
 
 @dataclass(eq=False, slots=True)
@@ -313,13 +326,7 @@ class _GenerateResource(_Base):
         resp.media = self._response(rid, created, choices, reasons, use, logprobs)
 
     async def _parse(self, req: falcon.asgi.Request) -> Any:
-        body = await read_json(req, self.settings.max_body_bytes, self.settings.max_json_depth)
-        if not isinstance(body, dict):
-            raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
-        try:
-            return self.schema.model_validate(body)
-        except ValidationError as exc:
-            raise from_validation_error(exc) from None
+        return await read_request(req, self.settings.max_body_bytes, self.settings.max_json_depth, self.schema)
 
     async def _prompts(self, body: Any) -> tuple[list[tuple[int, ...]], ToolPlan | None]:
         """The prompts' token ids (off the loop), and how the request calls tools, if it does."""
