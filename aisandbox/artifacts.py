@@ -187,6 +187,8 @@ class EngineProfile:
     """Runtime only: tensorrt_llm CapacitySchedulerPolicy, lower-case (guaranteed_no_evict, max_utilization)."""
     default_max_tokens: int | None = None
     """Runtime only: max_tokens for requests that omit it (None: the rest of the context)."""
+    gather_generation_logits: bool = False
+    """Runtime only: served with generation logits gathered, so requests may ask for logprobs."""
 
 
 @dataclass(frozen=True, slots=True)

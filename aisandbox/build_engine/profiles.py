@@ -172,6 +172,10 @@ class GpuProfile(BaseModel):
     default_max_tokens: int | None = Field(default=None, ge=1)
     """max_tokens for requests that omit it (capped at the rest of the context). None: the rest of the context,
     which under guaranteed_no_evict reserves max_seq_len tokens of KV per such request."""
+    gather_generation_logits: bool = False
+    """Serve with `LLM(gather_generation_logits=True)`, so requests may ask for logprobs (top-k included):
+    tensorrt_llm 1.2 refuses logprobs without it (llmapi/llm.py `_check_arguments`). Costs a copy of the
+    generation logits per step; off by default."""
     caveats: tuple[str, ...] = ()
     """What about this profile is not verified on hardware; printed with the plan."""
 
@@ -241,6 +245,7 @@ class GpuProfile(BaseModel):
             tp_size=self.tp_size,
             scheduler_policy=self.scheduler_policy,
             default_max_tokens=self.default_max_tokens,
+            gather_generation_logits=self.gather_generation_logits,
         )
 
 

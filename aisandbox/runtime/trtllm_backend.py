@@ -416,7 +416,9 @@ class _TrtllmRunner:
 
         self._sampling_params = TrtllmSamplingParams
         self._guided = GuidedDecodingParams
-        kwargs = llm_runtime_kwargs(engine_dir, manifest)
+        kwargs = llm_runtime_kwargs(
+            engine_dir, manifest, gather_generation_logits=manifest.profile.gather_generation_logits
+        )
         kv_cache_config = KvCacheConfig(**kwargs.pop("kv_cache_config"))
         policy = kwargs.pop("scheduler_config")["capacity_scheduler_policy"]
         scheduler_config = SchedulerConfig(capacity_scheduler_policy=CapacitySchedulerPolicy[policy])
@@ -601,6 +603,8 @@ class TrtllmBackend:
         self._versions = versions
         self._host: BackendHost | None = None
         self._loop_thread = 0
+        self._guided = False
+        self._generation_logits = False
         self._state = EngineState.LOADING
         self._reason: str | None = f"loading the TensorRT-LLM engine from {config.engine_dir}"
         self._settled = threading.Event()
@@ -688,6 +692,9 @@ class TrtllmBackend:
             return
         manifest, tokenizer, runner = pending
         self._manifest, self._tokenizer, self._runner = manifest, tokenizer, runner
+        # What each request may ask of this engine, decided once (not a file-system check per request).
+        self._guided = guided_decoding_enabled(self.config.engine_dir)
+        self._generation_logits = manifest.profile.gather_generation_logits
         self._info = ModelInfo(
             max_model_len=manifest.profile.max_seq_len,
             eos_token_ids=tokenizer.eos_token_ids,
@@ -803,7 +810,8 @@ class TrtllmBackend:
             self._info.eos_token_ids,
             secrets.randbits(63),
             vocab_size=self._info.vocab_size,
-            guided=guided_decoding_enabled(self.config.engine_dir),
+            guided=self._guided,
+            generation_logits=self._generation_logits,
         )
         try:
             output = self._runner.generate(list(request.prompt_token_ids), kwargs)

@@ -638,3 +638,33 @@ def test_shutdown_does_not_hang_on_a_hung_executor(tmp_path: Path) -> None:
 
     asyncio.run(main())
     release.set()
+
+
+def test_logprobs_follow_the_profile_gather_generation_logits(tmp_path: Path) -> None:
+    """Logprobs are a 400 naming `logprobs` unless the engine's profile serves with generation logits."""
+    import dataclasses
+
+    from aisandbox.artifacts import read_manifest
+
+    async def main(gather: bool) -> tuple[bool, list[dict[str, Any]]]:
+        runner = FakeRunner([Step([10]), Step([], "length")])
+        engine = make_engine(tmp_path / str(gather), runner)
+        d = tmp_path / str(gather) / "engine"
+        manifest = read_manifest(d)
+        profile = dataclasses.replace(manifest.profile, gather_generation_logits=gather)
+        write_manifest(d, dataclasses.replace(manifest, profile=profile))
+        await engine.start()
+        await engine.wait_ready(10)
+        try:
+            await collect(engine, engine.submit(request(logprobs=True, top_logprobs=2)))
+            ok = True
+        except InvalidRequest as exc:
+            assert exc.param == "logprobs" and "gather_generation_logits" in exc.message
+            ok = False
+        await engine.shutdown()
+        return ok, [sampling for _, sampling in runner.calls]
+
+    refused, calls = asyncio.run(main(False))
+    assert not refused and not calls
+    served, calls = asyncio.run(main(True))
+    assert served and calls[0]["logprobs"] == 2
