@@ -33,7 +33,7 @@ import torch
 from aisandbox.runtime.cpu_forward import CpuForward, build_cpu_forward, load_q4_file, swap_linears
 from aisandbox.runtime.cpu_weights import FormatChoice, cpu_flags
 from aisandbox.runtime.default_model import find_default_gguf, prepare_default_model
-from aisandbox.runtime.torch_backend import TorchEngine, TorchEngineConfig, _SlotKV
+from aisandbox.runtime.torch_backend import TorchBackend, TorchEngineConfig, _SlotKV
 from aisandbox.runtime.types import GenerationRequest, SamplingParams
 from aisandbox.settings import ServerSettings
 
@@ -201,36 +201,57 @@ def q4_diff(model_dir: Path) -> None:
     )
 
 
-async def _greedy(model_dir: Path, fmt: str, prompts: list[list[int]], batch: int = 32) -> list[list[int]]:
-    eng = TorchEngine(TorchEngineConfig(model_path=model_dir, dtype="float32", weights_dtype=fmt, max_batch_size=batch))
-    await eng.start()
-    await eng.wait_ready(600)
-    sp = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+def _greedy(model_dir: Path, fmt: str, prompts: list[list[int]], batch: int = 32) -> list[list[int]]:
+    """Greedy token ids from the torch backend itself (a host that records each request's tokens)."""
+    import threading
 
-    async def one(i: int, ids: list[int]) -> list[int]:
-        out: list[int] = []
-        async for delta in eng.submit(GenerationRequest(f"{fmt}-{i}", tuple(ids), sp)):
-            out.extend(delta.token_ids)
-        return out
+    class Host:
+        def __init__(self) -> None:
+            self.ready, self.done = threading.Event(), threading.Event()
+            self.out: dict[str, list[int]] = {}
+            self.left = len(prompts)
 
-    try:
-        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
-    finally:
-        await eng.shutdown()
+        def loaded(self, info: object, tokenizer: object) -> None:
+            self.ready.set()
+
+        def failed(self, reason: str) -> None:
+            raise SystemExit(f"engine failed: {reason}")
+
+        def emit(self, deltas: list[tuple[str, object]]) -> None:
+            for rid, delta in deltas:
+                self.out.setdefault(rid, []).extend(delta.token_ids)  # type: ignore[attr-defined]
+                if delta.finish_reason is not None:  # type: ignore[attr-defined]
+                    self.left -= 1
+                    if not self.left:
+                        self.done.set()
+
+    async def run() -> list[list[int]]:
+        config = TorchEngineConfig(model_path=model_dir, dtype="float32", weights_dtype=fmt, max_batch_size=batch)
+        backend, host = TorchBackend(config), Host()
+        backend.start(host)  # type: ignore[arg-type]
+        await asyncio.to_thread(host.ready.wait, 600)
+        sp = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+        for i, ids in enumerate(prompts):
+            backend.add(GenerationRequest(f"{fmt}-{i}", tuple(ids), sp))
+        await asyncio.to_thread(host.done.wait, 1800)
+        await backend.shutdown()
+        return [host.out[f"{fmt}-{i}"] for i in range(len(prompts))]
+
+    return asyncio.run(run())
 
 
 def agree(model_dir: Path) -> None:
     from aisandbox.runtime.tokenizer import load_tokenizer
 
     prompts = chat_prompts(load_tokenizer(model_dir, "auto"))
-    ref = asyncio.run(_greedy(model_dir, "fp32", prompts))
+    ref = _greedy(model_dir, "fp32", prompts)
     print("\n| weights | identical of 32 | mean tokens before first difference (of 64) |\n|---|--:|--:|")
     only = [f for f in sys.argv[1:] if f.startswith("formats=")]
     fmts = only[0].split("=", 1)[1].split(",") if only else ["bf16", "int8", "int4", "auto", "auto@1"]
     for fmt in fmts:
         # auto@1: one prompt at a time (max_batch_size 1), so auto's small-batch formats decode every token.
         name, _, batch = fmt.partition("@")
-        got = asyncio.run(_greedy(model_dir, name, prompts, int(batch or 32)))
+        got = _greedy(model_dir, name, prompts, int(batch or 32))
         same = sum(a == b for a, b in zip(ref, got, strict=True))
         prefix = [
             next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), 64)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from aisandbox.runtime import cpu_kernels
+from aisandbox.runtime.cpu_kernels import CpuKernels
 from aisandbox.runtime.cpu_weights import (
     FORMATS,
     BucketedLinear,
@@ -29,6 +31,9 @@ from aisandbox.runtime.cpu_weights import (
     measure_formats,
     q4_1_blocks,
 )
+
+ATTEND_LIMIT = 64 * 1024
+"""Queries x columns up to which a prefill uses our attention loop rather than PyTorch's flash attention."""
 
 __all__ = [
     "CpuForward",
@@ -107,9 +112,15 @@ class CpuForward:
     """The decoder's forward in a few fused calls per layer; returns last-position logits [rows, vocab]."""
 
     def __init__(
-        self, model: Any, body: FormatChoice, head: FormatChoice, q4: dict[str, Q4Weights] | None = None
+        self,
+        model: Any,
+        body: FormatChoice,
+        head: FormatChoice,
+        q4: dict[str, Q4Weights] | None = None,
+        kernels: CpuKernels | None = None,
     ) -> None:
         q4 = q4 or {}
+        self.kernels = kernels
         cfg = model.config
         inner = model.model
         self.heads = int(cfg.num_attention_heads)
@@ -117,6 +128,7 @@ class CpuForward:
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
         self.eps = float(cfg.rms_norm_eps)
         self.hidden = int(cfg.hidden_size)
+        self.inter = int(cfg.intermediate_size)
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.norm = inner.norm.weight.detach()
@@ -151,11 +163,16 @@ class CpuForward:
         mask: torch.Tensor | None,
         kv: Any,
         all_positions: bool = False,
+        starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [rows, q]; mask: bool [rows, 1, q, cols] or None (all true); kv: `_SlotKV`.
 
-        Returns the last position's logits [rows, vocab], or every position's [rows, q, vocab] (prompt logprobs).
+        starts: int64 [rows], each row's first KV column (what the mask says, for the C kernels; without it the
+        forward uses PyTorch's ops throughout). Returns the last position's logits [rows, vocab], or every
+        position's [rows, q, vocab] (prompt logprobs).
         """
+        if self.kernels is not None and starts is not None:
+            return self._fused(self.kernels, input_ids, positions, mask, kv, all_positions, starts)
         rows, q = input_ids.shape
         hq, hk, d = self.heads, self.kv_heads, self.head_dim
         x = self.embed(input_ids)
@@ -175,6 +192,73 @@ class CpuForward:
             flat = self._rms(x.reshape(rows * q, -1), self.norm)
             return self.head(flat).float().view(rows, q, -1)
         return self.head(self._rms(x[:, -1], self.norm)).float()
+
+    def _fused(
+        self,
+        ck: CpuKernels,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        kv: Any,
+        all_positions: bool,
+        starts: torch.Tensor,
+    ) -> torch.Tensor:
+        """The same forward with the C kernels between the matrix multiplies (see cpu_kernels)."""
+        rows, q = input_ids.shape
+        n, dim, inter = rows * q, self.hidden, self.inter
+        hq, hk, d = self.heads, self.kv_heads, self.head_dim
+        x = self.embed(input_ids).reshape(n, dim).contiguous()
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        starts = starts.to(torch.int64).contiguous()
+        valid = None if kv.write_mask is None else kv.write_mask.to(torch.uint8).contiguous()
+        h = torch.empty_like(x)
+        qrot = torch.empty((rows, q, hq, d))
+        att = torch.empty((n, hq * d))
+        # Our attention loops over every query and column; for long prompts PyTorch's flash attention wins.
+        ours = q * (kv.hi - kv.lo) <= ATTEND_LIMIT
+        out_ptr = att.data_ptr() if ours else None
+        invalid = None
+        if not ours:
+            cols = torch.arange(kv.write_col, kv.write_col + q)
+            keep = cols[None, :] >= starts[:, None]
+            if valid is not None:
+                keep &= valid.bool()
+            invalid = ~keep.reshape(n)
+        scale = d**-0.5
+        row0, eps = kv.rows.start, self.eps
+        layers = self.layers
+        ck.rms_norm(x.data_ptr(), layers[0].ln_in.data_ptr(), h.data_ptr(), n, dim, eps)
+        for i, layer in enumerate(layers):
+            qkv = layer.qkv.forward(h)
+            kb, vb = kv.k[i], kv.v[i]
+            ck.rope_store_attend(
+                qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), kb.data_ptr(), vb.data_ptr(), kv.cols_cap, row0,
+                kv.write_col, starts.data_ptr(), None if valid is None else valid.data_ptr(), rows, q, hq, hk, d,
+                qrot.data_ptr(), out_ptr, scale,
+            )  # fmt: skip
+            if not ours:
+                a = F.scaled_dot_product_attention(
+                    qrot.transpose(1, 2),
+                    kb[kv.rows, :, kv.lo : kv.hi],
+                    vb[kv.rows, :, kv.lo : kv.hi],
+                    attn_mask=mask,
+                    enable_gqa=hq != hk,
+                )
+                att = a.transpose(1, 2).reshape(n, hq * d)
+                att[invalid] = 0.0  # padding queries: finite and small, as in our own loop
+            o = layer.o.forward(att)
+            ck.add_rms_norm(x.data_ptr(), o.data_ptr(), layer.ln_post.data_ptr(), h.data_ptr(), n, dim, eps)
+            gu = layer.gate_up.forward(h)
+            act = torch.empty((n, inter))
+            ck.silu_mul(gu.data_ptr(), act.data_ptr(), n, inter)
+            down = layer.down.forward(act)
+            nxt = layers[i + 1].ln_in if i + 1 < len(layers) else self.norm
+            ck.add_rms_norm(x.data_ptr(), down.data_ptr(), nxt.data_ptr(), h.data_ptr(), n, dim, eps)
+        # h is now the final norm of every position.
+        if all_positions:
+            return self.head(h).float().view(rows, q, -1)
+        return self.head(h.view(rows, q, dim)[:, -1]).float()
 
 
 def release_decoder_layers(model: Any) -> None:
@@ -256,19 +340,24 @@ def build_cpu_forward(
             if load > 0.5 * torch.get_num_threads():
                 busy = f"; measured while the machine was busy (load {load:.1f}), pin --weights-dtype if it is off"
         allowed = list(FORMATS)
-        head_allowed = allowed if "lm_head.weight" in q4 else [f for f in allowed if f != "int4"]
+        head_allowed = allowed if "lm_head.weight" in q4 else [f for f in allowed if f not in ("int4", "q4_1")]
         body_t = measure_formats(body_shapes, allowed, budget_s * 0.7)
         head_t = measure_formats([(*head_shape, 1)], head_allowed, budget_s * 0.3) if head_shape[0] else {}
         body, head = choose_formats(body_t, allowed), choose_formats(head_t, head_allowed)
     else:
         body = head = FormatChoice((weights_dtype,) * 4)
-        if weights_dtype == "int4" and "lm_head.weight" not in q4:
+        if weights_dtype in ("int4", "q4_1") and "lm_head.weight" not in q4:
             # The output layer has no 4-bit source (the GGUF keeps it in 8 bits): 4 bits there cost greedy
             # agreement far more than in the body (measured: 0 of 32 prompts identical vs fp32, against 6 of 8).
-            head = FormatChoice(("int8",) * 4)
+            head = FormatChoice(("int8" if weights_dtype == "int4" else "q8_0",) * 4)
     what = f"lean forward ({len(model.model.layers)} layers)" if lean else f"transformers' forward ({reason})"
     if lean:
-        fwd: CpuForward | None = CpuForward(model, body, head, q4)
+        # fp32 everywhere is the exact mode (greedy output identical to transformers): PyTorch's ops only,
+        # unless AISANDBOX_CPU_KERNELS=always (tests, A/B runs).
+        exact = set(body.by_bucket) | set(head.by_bucket) == {"fp32"} and cpu_kernels.mode() != "always"
+        kernels = None if exact else cpu_kernels.load()
+        what += "; C kernels " + ("off (exact fp32)" if exact else "on" if kernels else "unavailable")
+        fwd: CpuForward | None = CpuForward(model, body, head, q4, kernels)
     else:
         swap_linears(model, body, q4, head)
         fwd = None

@@ -35,6 +35,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from aisandbox.runtime import cpu_kernels
+from aisandbox.runtime.cpu_kernels import CpuKernels
+
 __all__ = [
     "BUCKETS",
     "FORMATS",
@@ -52,7 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("fp32", "bf16", "int8", "int4")
+FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "q4_1", "q8_0")
 BUCKETS = (1, 4, 16, 64)
 """Rows (tokens) per call at which formats are timed; a call with r rows uses the bucket of the smallest
 measured count >= r (the last bucket beyond). 1: one decode stream; 4, 16: batched decode; 64: prefill."""
@@ -143,6 +146,18 @@ class _Fp32(torch.nn.Module):
         return y
 
 
+class _Fp16(torch.nn.Module):
+    """float16 weight, float32 activations and accumulation (fbgemm widens the weight tile by tile)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float().contiguous(), None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+        return y
+
+
 class _Bf16(torch.nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -185,16 +200,70 @@ class _Int4(torch.nn.Module):
         return y.to(x.dtype).view(*shape[:-1], -1)
 
 
+class _Q4_1(torch.nn.Module):
+    """GGUF Q4_1 blocks (w = d * q + m per 32 columns) times float32 activations: our C kernel."""
+
+    def __init__(self, q4: Q4Weights, kernels: CpuKernels) -> None:
+        super().__init__()
+        n, k = q4.q.shape
+        self.n, self.k, self.kernels = n, k, kernels
+        q = q4.q.view(n, k // GROUP, GROUP)
+        self.qs = (q[..., :16] | (q[..., 16:] << 4)).contiguous()  # GGUF's nibble order
+        self.d, self.m = q4.scale.float().contiguous(), q4.low.float().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.k).float().contiguous()
+        y = torch.empty((x2.shape[0], self.n))
+        self.kernels.q4_1_matmul(
+            self.qs.data_ptr(), self.d.data_ptr(), self.m.data_ptr(), x2.data_ptr(), y.data_ptr(), x2.shape[0], self.n,
+            self.k,
+        )  # fmt: skip
+        return y.view(*shape[:-1], self.n)
+
+
+class _Q8_0(torch.nn.Module):
+    """int8 values with a scale per 32 columns (GGUF Q8_0) times float32 activations: our C kernel."""
+
+    def __init__(self, weight: torch.Tensor, kernels: CpuKernels) -> None:
+        super().__init__()
+        n, k = weight.shape
+        self.n, self.k, self.kernels = n, k, kernels
+        g = weight.detach().float().reshape(n, k // GROUP, GROUP)
+        d = (g.abs().amax(-1) / 127).clamp(min=1e-12)
+        self.qs = (g / d[..., None]).round().clamp(-127, 127).to(torch.int8).reshape(n, k).contiguous()
+        self.d = d.contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.k).float().contiguous()
+        y = torch.empty((x2.shape[0], self.n))
+        self.kernels.q8_0_matmul(
+            self.qs.data_ptr(), self.d.data_ptr(), x2.data_ptr(), y.data_ptr(), x2.shape[0], self.n, self.k
+        )
+        return y.view(*shape[:-1], self.n)
+
+
 def make_linear(fmt: str, weight: torch.Tensor, q4: Q4Weights | None = None) -> torch.nn.Module:
-    """One [N, K] bias-free linear layer in format `fmt`; int4 uses `q4` when given, else quantizes `weight`."""
+    """One [N, K] bias-free linear layer in format `fmt`; int4 and q4_1 use `q4` when given, else quantize
+    `weight`."""
     if fmt == "fp32":
         return _Fp32(weight)
+    if fmt == "fp16":
+        return _Fp16(weight)
     if fmt == "bf16":
         return _Bf16(weight)
     if fmt == "int8":
         return _Int8(weight)
     if fmt == "int4":
         return _Int4(q4 if q4 is not None else quantize_q4(weight))
+    if fmt in ("q4_1", "q8_0"):
+        kernels = cpu_kernels.load()
+        if kernels is None:
+            raise ValueError(f"weight format {fmt} needs the C kernels, which cannot be built here")
+        return (
+            _Q4_1(q4 if q4 is not None else quantize_q4(weight), kernels) if fmt == "q4_1" else _Q8_0(weight, kernels)
+        )
     raise ValueError(f"unknown weight format {fmt!r}")
 
 
@@ -204,6 +273,13 @@ def supports(fmt: str, n: int, k: int) -> bool:
         return k % GROUP == 0 and n % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
     if fmt == "int8":
         return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+    if fmt == "fp16":
+        return (
+            hasattr(torch.ops.quantized, "linear_prepack_fp16")
+            and "fbgemm" in torch.backends.quantized.supported_engines
+        )
+    if fmt in ("q4_1", "q8_0"):
+        return k % GROUP == 0 and n % 4 == 0 and cpu_kernels.load() is not None
     return True
 
 
@@ -334,7 +410,7 @@ class BucketedLinear(torch.nn.Module):
         for fmt in choice.by_bucket:
             use = fmt if supports(fmt, n, k) else "fp32"
             if use not in impls:
-                impls[use] = make_linear(use, weight, q4 if use == "int4" else None)
+                impls[use] = make_linear(use, weight, q4 if use in ("int4", "q4_1") else None)
             by_bucket.append(impls[use])
         self.impls = torch.nn.ModuleDict(impls)
         self._by_bucket = by_bucket
@@ -345,5 +421,5 @@ class BucketedLinear(torch.nn.Module):
         if impl is None:
             rows = x.numel() // x.shape[-1]
             impl = self._by_bucket[min(bisect.bisect_left(BUCKETS, rows), len(BUCKETS) - 1)]
-        y: torch.Tensor = impl(x)
+        y: torch.Tensor = impl.forward(x)  # not impl(x): nn.Module's call costs as much as a decode-size multiply
         return y if self.bias is None else y + self.bias

@@ -356,7 +356,7 @@ class TorchBackend:
         self._fast: CpuForward | None = None
         if device == "cpu" and dtype == torch.float32:
             with torch.inference_mode():
-                q4 = load_q4_file(model_path) if cfg.weights_dtype in ("auto", "int4") else {}
+                q4 = load_q4_file(model_path) if cfg.weights_dtype in ("auto", "int4", "q4_1") else {}
                 self._fast, choice = build_cpu_forward(model, cfg.weights_dtype, q4)
             if self._fast is not None:
                 release_decoder_layers(model)
@@ -457,15 +457,17 @@ class TorchBackend:
         positions: torch.Tensor,
         mask: torch.Tensor | None,
         all_positions: bool = False,
+        starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the model on the rows and columns set in self._kv.
 
         mask: bool [rows, 1, q, cols], True where a query may attend; None when every column is visible.
         Returns the last position's logits [rows, vocab], or with `all_positions` every query position's
         [rows, q, vocab] (for prompt logprobs; only asked for groups that hold such a request).
+        starts: each row's first KV column (the same as the mask; the lean CPU forward's kernels use it).
         """
         if self._fast is not None:
-            return self._fast(input_ids, positions, mask, self._kv, all_positions)
+            return self._fast(input_ids, positions, mask, self._kv, all_positions, starts)
         if mask is None:
             mask = torch.ones(
                 (input_ids.shape[0], 1, 1, self._kv.hi - self._kv.lo), dtype=torch.bool, device=self._device
@@ -528,7 +530,7 @@ class TorchBackend:
         # Rows with fewer query tokens than the widest must not overwrite their cached prefix.
         kv.write_mask = valid.to(dev) if any(cached) else None
         try:
-            logits = self._forward(ids.to(dev), pos.to(dev), mask[:, None].to(dev), all_positions=any(echo))
+            logits = self._forward(ids.to(dev), pos.to(dev), mask[:, None].to(dev), any(echo), starts)
         finally:
             kv.write_mask = None
         if any(echo):
@@ -561,7 +563,7 @@ class TorchBackend:
         mask = None if len(running) == 1 else (cols[None, :] >= starts[:, None])[:, None, None, :].to(dev)
         kv.rows = slice(0, len(running))
         kv.write_col, kv.lo, kv.hi = self._col, lo, self._col + 1
-        logits = self._forward(ids.to(dev), pos.to(dev), mask)
+        logits = self._forward(ids.to(dev), pos.to(dev), mask, starts=starts)
         self._col += 1
         self._sample_and_emit(list(running), logits, running, out, 0)
         total = sum(self._col - s.start_col for s in running)

@@ -4,6 +4,7 @@ aborts free their rows, a failing engine loop ends every live request."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -57,6 +58,26 @@ async def engine(tiny_mistral_dir: Path) -> AsyncIterator[Tapped]:
     await eng.shutdown()
 
 
+@pytest.fixture(params=["pytorch ops", "C kernels"])
+async def engine_both(request, tiny_mistral_dir: Path, monkeypatch) -> AsyncIterator[Tapped]:  # type: ignore[no-untyped-def]
+    """The engine with the lean forward's PyTorch ops, and with the C kernels between its multiplies."""
+    from aisandbox.runtime import cpu_kernels
+
+    if request.param == "C kernels":
+        monkeypatch.setenv("AISANDBOX_CPU_KERNELS", "always")
+        cpu_kernels.load.cache_clear()
+        if cpu_kernels.load() is None and os.environ.get("CI") != "true":
+            pytest.skip("no C compiler here: the CPU kernels are not built")
+    eng = make_engine(tiny_mistral_dir)
+    await eng.start()
+    health = await eng.wait_ready(120)
+    assert health.state is EngineState.READY, health
+    if request.param == "C kernels":
+        assert eng.torch._fast is not None and eng.torch._fast.kernels is not None
+    yield eng
+    await eng.shutdown()
+
+
 def reference_greedy(model_dir: Path, prompt: list[int], n: int) -> list[int]:
     """Greedy decoding the slow, obviously right way: the whole sequence through the model each step."""
     from transformers import AutoModelForCausalLM
@@ -85,7 +106,8 @@ async def collect(eng: Tapped, rid: str, prompt: list[int], sp: SamplingParams) 
     return tokens, delta.finish_reason.value
 
 
-async def test_in_flight_batching_matches_reference(engine: Tapped, tiny_mistral_dir: Path) -> None:
+async def test_in_flight_batching_matches_reference(engine_both: Tapped, tiny_mistral_dir: Path) -> None:
+    engine = engine_both
     prompts = [[1, 100 + i] + list(range(200, 200 + 7 * i)) for i in range(5)]  # 2..30 tokens
     lengths = [40, 300, 25, 60, 33]  # 300 outgrows the first KV allocation (256 columns)
     greedy = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
@@ -101,7 +123,8 @@ async def test_in_flight_batching_matches_reference(engine: Tapped, tiny_mistral
     assert engine.stats().running == 0
 
 
-async def test_prefix_cache_matches_reference(engine: Tapped, tiny_mistral_dir: Path) -> None:
+async def test_prefix_cache_matches_reference(engine_both: Tapped, tiny_mistral_dir: Path) -> None:
+    engine = engine_both
     shared = [1] + list(range(300, 340))  # 41 tokens: two full cache blocks and a bit
     prompts = [shared + list(range(500, 500 + k)) for k in (1, 9, 23)]
     sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

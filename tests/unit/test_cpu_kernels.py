@@ -1,0 +1,182 @@
+"""The C kernels (csrc/cpu_step.c): each against PyTorch, and the lean forward with them against the forward
+without them, in the engine's situations (several rows, left padding, cached prefixes, long prompts)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from aisandbox.runtime import cpu_forward, cpu_kernels
+from aisandbox.runtime.cpu_forward import CpuForward, build_cpu_forward
+from aisandbox.runtime.cpu_weights import FormatChoice, make_linear, quantize_q4, supports
+from aisandbox.runtime.torch_backend import _SlotKV
+
+
+@pytest.fixture(scope="module")
+def ck() -> cpu_kernels.CpuKernels:
+    kernels = cpu_kernels.load()
+    if kernels is None:
+        # A machine without a C compiler serves with PyTorch's ops; CI has one, so there this is a failure.
+        if os.environ.get("CI") == "true":
+            pytest.fail("the CPU kernels could not be built (see the log for the compiler's output)")
+        pytest.skip("no C compiler here: the CPU kernels are not built")
+    return kernels
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17])
+def test_q4_1_matches_its_dequantized_weight_in_float32(ck, rows: int) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(rows)
+    w = torch.randn(48, 96) * 0.05
+    q4 = quantize_q4(w)
+    x = torch.randn(rows, 96) * 3
+    x[0, 5] = 40.0  # an outlier in one block: int16 activations keep the block's small values
+    with torch.inference_mode():
+        y = make_linear("q4_1", w, q4)(x)
+    ref = x @ q4.dequantize().T
+    assert (y - ref).abs().max() <= 1e-3 * ref.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+def test_q8_0_matches_a_q8_0_weight(ck, rows: int) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    d = torch.rand(16, 3) * 0.01 + 1e-3
+    q = torch.randint(-127, 128, (16, 3, 32)).float()
+    q[:, :, 0] = 127  # every block reaches 127: requantizing gives back the same scale and values
+    w = (q * d[..., None]).reshape(16, 96)
+    x = torch.randn(rows, 96)
+    with torch.inference_mode():
+        y = make_linear("q8_0", w)(x)
+    ref = x @ w.T
+    assert (y - ref).abs().max() <= 1e-3 * ref.abs().max()
+
+
+def test_the_kernels_need_whole_blocks_and_groups_of_four_outputs(ck) -> None:  # type: ignore[no-untyped-def]
+    assert supports("q4_1", 48, 96) and supports("q8_0", 48, 96)
+    assert not supports("q4_1", 50, 96) and not supports("q8_0", 48, 100)
+
+
+def test_switched_off_means_no_kernels(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("AISANDBOX_CPU_KERNELS", "0")
+    cpu_kernels.load.cache_clear()
+    try:
+        assert cpu_kernels.load() is None
+    finally:
+        cpu_kernels.load.cache_clear()
+
+
+def test_the_norm_and_silu_kernels_match_pytorch(ck) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(1)
+    x, d, w = torch.randn(5, 64), torch.randn(5, 64), torch.rand(64) + 0.5
+    h = torch.empty_like(x)
+    ck.rms_norm(x.data_ptr(), w.data_ptr(), h.data_ptr(), 5, 64, 1e-5)
+    assert torch.allclose(h, torch.nn.functional.rms_norm(x, (64,), w, 1e-5), atol=1e-5)
+    ref_x = x + d
+    ck.add_rms_norm(x.data_ptr(), d.data_ptr(), w.data_ptr(), h.data_ptr(), 5, 64, 1e-5)
+    assert torch.allclose(x, ref_x) and torch.allclose(
+        h, torch.nn.functional.rms_norm(ref_x, (64,), w, 1e-5), atol=1e-5
+    )
+    gu = torch.randn(5, 2 * 64) * 6  # exp over a wide range
+    out = torch.empty(5, 64)
+    ck.silu_mul(gu.data_ptr(), out.data_ptr(), 5, 64)
+    gate, up = gu.chunk(2, dim=-1)
+    assert torch.allclose(out, torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _group_step(fwd: CpuForward, kv: _SlotKV, starts: list[int], col: int, width: int, fused: bool,
+                valid: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """One prefill of `width` query columns ending at `col` (rows left-padded to their starts), as the engine
+    runs it; then the caller decodes."""
+    rows = len(starts)
+    torch.manual_seed(7)
+    ids = torch.randint(1, 256, (rows, width))
+    q_col, lo = col - width, min(starts)
+    st = torch.tensor(starts)
+    pos = (torch.arange(q_col, col)[None] - st[:, None]).clamp(min=0)
+    q_abs, k_abs = torch.arange(q_col, col), torch.arange(lo, col)
+    causal = k_abs[None, :] <= q_abs[:, None]
+    own = k_abs[None, :] >= st[:, None]
+    mask = (causal[None] & own[:, None, :]) | (k_abs[None, :] == q_abs[:, None])[None]
+    kv.rows, kv.write_col, kv.lo, kv.hi = slice(0, rows), q_col, lo, col
+    kv.write_mask = valid
+    try:
+        return fwd(ids, pos, mask[:, None], kv, False, st if fused else None)
+    finally:
+        kv.write_mask = None
+
+
+def _decode(fwd: CpuForward, kv: _SlotKV, starts: list[int], col: int, tokens: torch.Tensor, fused: bool):  # type: ignore[no-untyped-def]
+    st = torch.tensor(starts)
+    pos = (col - st)[:, None]
+    mask = (torch.arange(min(starts), col + 1)[None, :] >= st[:, None])[:, None, None, :]
+    kv.rows, kv.write_col, kv.lo, kv.hi = slice(0, len(starts)), col, min(starts), col + 1
+    return fwd(tokens[:, None], pos, mask, kv, False, st if fused else None)
+
+
+def _kv(model) -> _SlotKV:  # type: ignore[no-untyped-def]
+    cfg = model.config
+    kv = _SlotKV(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float32, torch.device("cpu"))
+    kv.max_rows = 4
+    kv.ensure(4, 256)
+    return kv
+
+
+@pytest.mark.parametrize("long_prompt", [False, True])
+def test_fused_forward_matches_pytorch_ops_with_padding_and_decode(
+    ck, tiny_llama, monkeypatch, long_prompt: bool
+) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
+    if long_prompt:  # the prefill takes PyTorch's flash attention between our kernels
+        monkeypatch.setattr(cpu_forward, "ATTEND_LIMIT", 16)
+    choice = FormatChoice(("fp32",) * 4)
+    fwd = CpuForward(tiny_llama, choice, choice, None, ck)
+    starts, col, width = [2, 0, 5], 12, 12  # three prompts of 10, 12 and 7 tokens, left-padded
+    out = {}
+    with torch.inference_mode():
+        for fused in (False, True):
+            kv = _kv(tiny_llama)
+            logits = [_group_step(fwd, kv, starts, col, width, fused)]
+            for step in range(4):
+                logits.append(_decode(fwd, kv, starts, col + step, logits[-1].argmax(-1), fused))
+            out[fused] = torch.stack(logits)
+    assert torch.allclose(out[True], out[False], atol=1e-4, rtol=1e-4)
+    assert torch.equal(out[True].argmax(-1), out[False].argmax(-1))
+
+
+def test_fused_forward_keeps_a_cached_prefix(ck, tiny_llama) -> None:  # type: ignore[no-untyped-def]
+    """Positions whose KV came from the prefix cache (write_mask false) are neither stored nor attended from."""
+    choice = FormatChoice(("fp32",) * 4)
+    fwd = CpuForward(tiny_llama, choice, choice, None, ck)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[0, :3] = False  # row 0's first three query columns are cached already
+    out = {}
+    with torch.inference_mode():
+        for fused in (False, True):
+            kv = _kv(tiny_llama)
+            for buf in kv.k + kv.v:
+                buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(3)))
+            out[fused] = (_group_step(fwd, kv, [0, 0], 8, 8, fused, valid), kv.k[1][:2, :, :8].clone())
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(out[True][1], out[False][1], atol=1e-5)
+
+
+def test_quantized_auto_turns_the_kernels_on_and_fp32_keeps_them_off(ck, tiny_llama) -> None:  # type: ignore[no-untyped-def]
+    import copy
+
+    with torch.inference_mode():
+        fwd, line = build_cpu_forward(copy.deepcopy(tiny_llama), "q4_1")
+        assert fwd is not None and fwd.kernels is not None and "C kernels on" in line
+        fwd, line = build_cpu_forward(copy.deepcopy(tiny_llama), "fp32")
+        assert fwd is not None and fwd.kernels is None and "C kernels off (exact fp32)" in line
