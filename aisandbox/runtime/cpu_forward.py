@@ -32,6 +32,9 @@ from aisandbox.runtime.cpu_weights import (
     q4_1_blocks,
 )
 
+HEAD_SAMPLE_ROWS = 8192
+"""Output-layer rows timed at load (the rest is scaled)."""
+
 ATTEND_LIMIT = 64 * 1024
 """Queries x columns up to which a prefill uses our attention loop rather than PyTorch's flash attention."""
 
@@ -339,16 +342,26 @@ def build_cpu_forward(
             load = float(Path("/proc/loadavg").read_text().split()[0])
             if load > 0.5 * torch.get_num_threads():
                 busy = f"; measured while the machine was busy (load {load:.1f}), pin --weights-dtype if it is off"
-        allowed = list(FORMATS)
+        # bf16 without bf16 dot-product instructions is emulated: 3x slower than fp32 at 16 rows on AVX2 (measured),
+        # so it is timed only where the CPU has them.
+        has_bf16 = any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+        allowed = [f for f in FORMATS if f != "bf16" or has_bf16]
         head_allowed = allowed if "lm_head.weight" in q4 else [f for f in allowed if f not in ("int4", "q4_1")]
         body_t = measure_formats(body_shapes, allowed, budget_s * 0.7)
-        head_t = measure_formats([(*head_shape, 1)], head_allowed, budget_s * 0.3) if head_shape[0] else {}
+        head_t: dict[tuple[str, int], float] = {}
+        if head_shape[0]:
+            # A slice of the output layer's rows, scaled up: every format's time grows with the rows it multiplies,
+            # and building each format of the whole head (49152 x 576 here) would cost seconds at load.
+            rows = min(head_shape[0], HEAD_SAMPLE_ROWS)
+            sample = measure_formats([(rows, head_shape[1], 1)], head_allowed, budget_s * 0.3)
+            head_t = {key: ms * head_shape[0] / rows for key, ms in sample.items()}
         body, head = choose_formats(body_t, allowed), choose_formats(head_t, head_allowed)
     else:
         body = head = FormatChoice((weights_dtype,) * 4)
-        if weights_dtype in ("int4", "q4_1") and "lm_head.weight" not in q4:
+        if weights_dtype in ("int4", "q4_1", "q8_1") and "lm_head.weight" not in q4:
             # The output layer has no 4-bit source (the GGUF keeps it in 8 bits): 4 bits there cost greedy
             # agreement far more than in the body (measured: 0 of 32 prompts identical vs fp32, against 6 of 8).
+            # Our kernels hold the GGUF's Q8_0 output layer as Q8_0 blocks, exactly.
             head = FormatChoice(("int8" if weights_dtype == "int4" else "q8_0",) * 4)
     what = f"lean forward ({len(model.model.layers)} layers)" if lean else f"transformers' forward ({reason})"
     if lean:

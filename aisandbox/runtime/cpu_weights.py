@@ -55,7 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "q4_1", "q8_0")
+FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "q4_1", "q8_1", "q8_0")
 BUCKETS = (1, 4, 16, 64)
 """Rows (tokens) per call at which formats are timed; a call with r rows uses the bucket of the smallest
 measured count >= r (the last bucket beyond). 1: one decode stream; 4, 16: batched decode; 64: prefill."""
@@ -222,6 +222,34 @@ class _Q4_1(torch.nn.Module):
         return y.view(*shape[:-1], self.n)
 
 
+class _Q8_1(torch.nn.Module):
+    """Q4_1's layout one value per byte (u8, w = d * q + m per 32 columns) times float32 activations: our C
+    kernel. A Q4_1 source is held exactly (q in 0..15); any other weight gets 255 levels per block."""
+
+    def __init__(self, weight: torch.Tensor, q4: Q4Weights | None, kernels: CpuKernels) -> None:
+        super().__init__()
+        n, k = weight.shape
+        self.n, self.k, self.kernels = n, k, kernels
+        if q4 is not None:
+            self.qs, self.d, self.m = q4.q.contiguous(), q4.scale.float().contiguous(), q4.low.float().contiguous()
+        else:
+            g = weight.detach().float().reshape(n, k // GROUP, GROUP)
+            low, high = g.amin(-1), g.amax(-1)
+            d = ((high - low) / 255).clamp(min=1e-12)
+            q = ((g - low[..., None]) / d[..., None]).round().clamp(0, 255).to(torch.uint8)
+            self.qs, self.d, self.m = q.reshape(n, k).contiguous(), d.contiguous(), low.contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.k).float().contiguous()
+        y = torch.empty((x2.shape[0], self.n))
+        self.kernels.q8_1_matmul(
+            self.qs.data_ptr(), self.d.data_ptr(), self.m.data_ptr(), x2.data_ptr(), y.data_ptr(), x2.shape[0], self.n,
+            self.k,
+        )  # fmt: skip
+        return y.view(*shape[:-1], self.n)
+
+
 class _Q8_0(torch.nn.Module):
     """int8 values with a scale per 32 columns (GGUF Q8_0) times float32 activations: our C kernel."""
 
@@ -257,13 +285,13 @@ def make_linear(fmt: str, weight: torch.Tensor, q4: Q4Weights | None = None) -> 
         return _Int8(weight)
     if fmt == "int4":
         return _Int4(q4 if q4 is not None else quantize_q4(weight))
-    if fmt in ("q4_1", "q8_0"):
+    if fmt in ("q4_1", "q8_1", "q8_0"):
         kernels = cpu_kernels.load()
         if kernels is None:
             raise ValueError(f"weight format {fmt} needs the C kernels, which cannot be built here")
-        return (
-            _Q4_1(q4 if q4 is not None else quantize_q4(weight), kernels) if fmt == "q4_1" else _Q8_0(weight, kernels)
-        )
+        if fmt == "q4_1":
+            return _Q4_1(q4 if q4 is not None else quantize_q4(weight), kernels)
+        return _Q8_1(weight, q4, kernels) if fmt == "q8_1" else _Q8_0(weight, kernels)
     raise ValueError(f"unknown weight format {fmt!r}")
 
 
@@ -278,7 +306,7 @@ def supports(fmt: str, n: int, k: int) -> bool:
             hasattr(torch.ops.quantized, "linear_prepack_fp16")
             and "fbgemm" in torch.backends.quantized.supported_engines
         )
-    if fmt in ("q4_1", "q8_0"):
+    if fmt in ("q4_1", "q8_1", "q8_0"):
         return k % GROUP == 0 and n % 4 == 0 and cpu_kernels.load() is not None
     return True
 
@@ -410,7 +438,7 @@ class BucketedLinear(torch.nn.Module):
         for fmt in choice.by_bucket:
             use = fmt if supports(fmt, n, k) else "fp32"
             if use not in impls:
-                impls[use] = make_linear(use, weight, q4 if use in ("int4", "q4_1") else None)
+                impls[use] = make_linear(use, weight, q4 if use in ("int4", "q4_1", "q8_1") else None)
             by_bucket.append(impls[use])
         self.impls = torch.nn.ModuleDict(impls)
         self._by_bucket = by_bucket

@@ -356,7 +356,7 @@ class TorchBackend:
         self._fast: CpuForward | None = None
         if device == "cpu" and dtype == torch.float32:
             with torch.inference_mode():
-                q4 = load_q4_file(model_path) if cfg.weights_dtype in ("auto", "int4", "q4_1") else {}
+                q4 = load_q4_file(model_path) if cfg.weights_dtype in ("auto", "int4", "q4_1", "q8_1") else {}
                 self._fast, choice = build_cpu_forward(model, cfg.weights_dtype, q4)
             if self._fast is not None:
                 release_decoder_layers(model)

@@ -39,6 +39,21 @@ def test_q4_1_matches_its_dequantized_weight_in_float32(ck, rows: int) -> None: 
 
 
 @pytest.mark.parametrize("rows", [1, 6])
+def test_q8_1_holds_a_q4_1_weight_exactly_and_others_in_255_levels(ck, rows: int) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(2)
+    w = torch.randn(48, 96) * 0.05
+    q4 = quantize_q4(w)
+    x = torch.randn(rows, 96)
+    with torch.inference_mode():
+        exact = make_linear("q8_1", w, q4)(x)
+        requantized = make_linear("q8_1", w)(x)
+    ref = x @ q4.dequantize().T
+    assert (exact - ref).abs().max() <= 1e-3 * ref.abs().max()
+    ref_w = x @ w.T
+    assert (requantized - ref_w).abs().max() <= 2e-2 * ref_w.abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 6])
 def test_q8_0_matches_a_q8_0_weight(ck, rows: int) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     d = torch.rand(16, 3) * 0.01 + 1e-3
@@ -53,7 +68,7 @@ def test_q8_0_matches_a_q8_0_weight(ck, rows: int) -> None:  # type: ignore[no-u
 
 
 def test_the_kernels_need_whole_blocks_and_groups_of_four_outputs(ck) -> None:  # type: ignore[no-untyped-def]
-    assert supports("q4_1", 48, 96) and supports("q8_0", 48, 96)
+    assert supports("q4_1", 48, 96) and supports("q8_1", 48, 96) and supports("q8_0", 48, 96)
     assert not supports("q4_1", 50, 96) and not supports("q8_0", 48, 100)
 
 

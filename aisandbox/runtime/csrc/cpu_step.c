@@ -193,6 +193,8 @@ void rope_store_attend(const float *qkv, const float *cos, const float *sin, flo
  * nibble), a scale d and a minimum m: w = d * q + m. A block's dot product with x = dx * qx is
  * d * dx * (q . qx) + m * sum(x), where sum(x) per block is taken once per row of x for all N outputs.
  * Q8_0 (GGUF): per block 32 int8 values and a scale d: w = d * q.
+ * "Q8_1" here: Q4_1's layout one value per byte (u8, w = d * q + m): holds a Q4_1 weight exactly and skips the
+ * nibble unpacking, which is half the work of a block once several rows of x share it.
  *
  * Four outputs are computed together for one row of x at a time: four independent accumulator chains (one
  * would wait on each fused multiply-add), and those four rows of weights stay in L1 across the rows of x.
@@ -273,6 +275,48 @@ static void q4_1_tile(const uint8_t *wq, const float *wd, const float *wm, const
     }
 }
 
+/* The same blocks one value per byte (u8 in 0..255, w = d * q + m): no nibbles to unpack. */
+static void q8_1_tile(const uint8_t *wq, const float *wd, const float *wm, const int16_t *xq, const float *dx,
+                      const float *sx, float *y, int64_t R, int64_t n, int64_t N, int64_t K) {
+    const int64_t B = K / 32;
+    for (int64_t r = 0; r < R; r++) {
+        const int16_t *xr = xq + r * K;
+        const float *dr = dx + r * B, *sr = sx + r * B;
+        float out[4];
+#if defined(__AVX2__) && defined(__FMA__)
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t b = 0; b < B; b++) {
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)(xr + b * 32));
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)(xr + b * 32 + 16));
+            for (int j = 0; j < 4; j++) {
+                const uint8_t *q = wq + j * K + b * 32;
+                __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
+                __m256i w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
+                __m256i s = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(wd[j * B + b] * dr[b]), _mm256_cvtepi32_ps(s), acc[j]);
+            }
+        }
+        for (int j = 0; j < 4; j++) out[j] = hsum8(acc[j]);
+#else
+        for (int j = 0; j < 4; j++) {
+            out[j] = 0.f;
+            for (int64_t b = 0; b < B; b++) {
+                int32_t s = 0;
+                for (int e = 0; e < 32; e++) s += wq[j * K + b * 32 + e] * xr[b * 32 + e];
+                out[j] += wd[j * B + b] * dr[b] * (float)s;
+            }
+        }
+#endif
+        for (int j = 0; j < 4; j++) {
+            const float *mj = wm + j * B;
+            float ms = 0.f;
+#pragma omp simd reduction(+ : ms)
+            for (int64_t b = 0; b < B; b++) ms += mj[b] * sr[b];
+            y[r * N + n + j] = out[j] + ms;
+        }
+    }
+}
+
 static void q8_0_tile(const int8_t *wq, const float *wd, const int16_t *xq, const float *dx, float *y, int64_t R,
                       int64_t n, int64_t N, int64_t K) {
     const int64_t B = K / 32;
@@ -317,6 +361,20 @@ void q4_1_matmul(const uint8_t *qs, const float *d, const float *m, const float 
     quantize_rows(x, xq, dx, sx, R, K);
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n += 4) q4_1_tile(qs + n * B * 16, d + n * B, m + n * B, xq, dx, sx, y, R, n, N, K);
+    free(xq);
+    free(dx);
+    free(sx);
+}
+
+/* qs: [N, K] u8; d, m: [N, K/32]; x: [R, K]; y: [R, N]. N % 4 == 0, K % 32 == 0. */
+void q8_1_matmul(const uint8_t *qs, const float *d, const float *m, const float *x, float *y, int64_t R,
+                 int64_t N, int64_t K) {
+    const int64_t B = K / 32;
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(R * K));
+    float *dx = malloc(sizeof(float) * (size_t)(R * B)), *sx = malloc(sizeof(float) * (size_t)(R * B));
+    quantize_rows(x, xq, dx, sx, R, K);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n += 4) q8_1_tile(qs + n * K, d + n * B, m + n * B, xq, dx, sx, y, R, n, N, K);
     free(xq);
     free(dx);
     free(sx);
