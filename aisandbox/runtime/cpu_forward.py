@@ -32,6 +32,10 @@ from aisandbox.runtime.cpu_weights import (
     q4_1_blocks,
 )
 
+REQUANTIZING = ("int8", "int4", "q8_0")
+"""Formats that would put a GGUF's 4-bit weights onto another grid or round activations to bf16; `auto` leaves
+them out when the model has a GGUF source (they can still be pinned with --weights-dtype)."""
+
 HEAD_SAMPLE_ROWS = 8192
 """Output-layer rows timed at load (the rest is scaled)."""
 
@@ -347,6 +351,13 @@ def build_cpu_forward(
         has_bf16 = any(f in flags for f in ("avx512_bf16", "amx_bf16"))
         allowed = [f for f in FORMATS if f != "bf16" or has_bf16]
         head_allowed = allowed if "lm_head.weight" in q4 else [f for f in allowed if f not in ("int4", "q4_1")]
+        if q4:
+            # A GGUF source: never requantize its weights onto another grid (int8's per-row and q8_0's symmetric
+            # steps cannot hold Q4_1's d*q + m; int4 rounds activations to bf16): those cost greedy agreement
+            # (measured: 13 and 3 of 32 prompts identical) where q4_1 and q8_1 hold the body exactly. The head
+            # is Q8_0 there, which q8_0 holds exactly.
+            allowed = [f for f in allowed if f not in REQUANTIZING]
+            head_allowed = [f for f in head_allowed if f not in (*REQUANTIZING, "q8_1")] + ["q8_0"]
         body_t = measure_formats(body_shapes, allowed, budget_s * 0.7)
         head_t: dict[tuple[str, int], float] = {}
         if head_shape[0]:

@@ -200,76 +200,59 @@ class _Int4(torch.nn.Module):
         return y.to(x.dtype).view(*shape[:-1], -1)
 
 
-class _Q4_1(torch.nn.Module):
-    """GGUF Q4_1 blocks (w = d * q + m per 32 columns) times float32 activations: our C kernel."""
+class _BlockLinear(torch.nn.Module):
+    """A linear layer on one of our C block kernels: float32 activations in, float32 out."""
+
+    def __init__(self, fn: Callable[..., None], n: int, k: int, *weights: torch.Tensor) -> None:
+        super().__init__()
+        self.n, self.k, self.fn = n, k, fn
+        self.weights = weights  # kept alive: the kernel reads them through these pointers
+        self.ptrs = tuple(w.data_ptr() for w in weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous()  # the lean forward's case
+        x2 = x if flat else x.reshape(-1, self.k).float().contiguous()
+        rows = x2.shape[0]
+        y = torch.empty((rows, self.n))
+        self.fn(*self.ptrs, x2.data_ptr(), y.data_ptr(), rows, self.n, self.k)
+        return y if flat else y.view(*x.shape[:-1], self.n)
+
+
+class _Q4_1(_BlockLinear):
+    """GGUF Q4_1 blocks (w = d * q + m per 32 columns), 4 bits a value: our C kernel."""
 
     def __init__(self, q4: Q4Weights, kernels: CpuKernels) -> None:
-        super().__init__()
         n, k = q4.q.shape
-        self.n, self.k, self.kernels = n, k, kernels
         q = q4.q.view(n, k // GROUP, GROUP)
-        self.qs = (q[..., :16] | (q[..., 16:] << 4)).contiguous()  # GGUF's nibble order
-        self.d, self.m = q4.scale.float().contiguous(), q4.low.float().contiguous()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.k).float().contiguous()
-        y = torch.empty((x2.shape[0], self.n))
-        self.kernels.q4_1_matmul(
-            self.qs.data_ptr(), self.d.data_ptr(), self.m.data_ptr(), x2.data_ptr(), y.data_ptr(), x2.shape[0], self.n,
-            self.k,
-        )  # fmt: skip
-        return y.view(*shape[:-1], self.n)
+        qs = (q[..., :16] | (q[..., 16:] << 4)).contiguous()  # GGUF's nibble order
+        super().__init__(kernels.q4_1_matmul, n, k, qs, q4.scale.float().contiguous(), q4.low.float().contiguous())
 
 
-class _Q8_1(torch.nn.Module):
-    """Q4_1's layout one value per byte (u8, w = d * q + m per 32 columns) times float32 activations: our C
-    kernel. A Q4_1 source is held exactly (q in 0..15); any other weight gets 255 levels per block."""
+class _Q8_1(_BlockLinear):
+    """Q4_1's layout one value per byte (u8, w = d * q + m per 32 columns): our C kernel. A Q4_1 source is held
+    exactly (q in 0..15); any other weight gets 255 levels per block."""
 
     def __init__(self, weight: torch.Tensor, q4: Q4Weights | None, kernels: CpuKernels) -> None:
-        super().__init__()
         n, k = weight.shape
-        self.n, self.k, self.kernels = n, k, kernels
         if q4 is not None:
-            self.qs, self.d, self.m = q4.q.contiguous(), q4.scale.float().contiguous(), q4.low.float().contiguous()
+            qs, d, m = q4.q, q4.scale.float(), q4.low.float()
         else:
             g = weight.detach().float().reshape(n, k // GROUP, GROUP)
-            low, high = g.amin(-1), g.amax(-1)
-            d = ((high - low) / 255).clamp(min=1e-12)
-            q = ((g - low[..., None]) / d[..., None]).round().clamp(0, 255).to(torch.uint8)
-            self.qs, self.d, self.m = q.reshape(n, k).contiguous(), d.contiguous(), low.contiguous()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.k).float().contiguous()
-        y = torch.empty((x2.shape[0], self.n))
-        self.kernels.q8_1_matmul(
-            self.qs.data_ptr(), self.d.data_ptr(), self.m.data_ptr(), x2.data_ptr(), y.data_ptr(), x2.shape[0], self.n,
-            self.k,
-        )  # fmt: skip
-        return y.view(*shape[:-1], self.n)
+            m, high = g.amin(-1), g.amax(-1)
+            d = ((high - m) / 255).clamp(min=1e-12)
+            qs = ((g - m[..., None]) / d[..., None]).round().clamp(0, 255).to(torch.uint8).reshape(n, k)
+        super().__init__(kernels.q8_1_matmul, n, k, qs.contiguous(), d.contiguous(), m.contiguous())
 
 
-class _Q8_0(torch.nn.Module):
-    """int8 values with a scale per 32 columns (GGUF Q8_0) times float32 activations: our C kernel."""
+class _Q8_0(_BlockLinear):
+    """int8 values with a scale per 32 columns (GGUF Q8_0): our C kernel."""
 
     def __init__(self, weight: torch.Tensor, kernels: CpuKernels) -> None:
-        super().__init__()
         n, k = weight.shape
-        self.n, self.k, self.kernels = n, k, kernels
         g = weight.detach().float().reshape(n, k // GROUP, GROUP)
         d = (g.abs().amax(-1) / 127).clamp(min=1e-12)
-        self.qs = (g / d[..., None]).round().clamp(-127, 127).to(torch.int8).reshape(n, k).contiguous()
-        self.d = d.contiguous()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.k).float().contiguous()
-        y = torch.empty((x2.shape[0], self.n))
-        self.kernels.q8_0_matmul(
-            self.qs.data_ptr(), self.d.data_ptr(), x2.data_ptr(), y.data_ptr(), x2.shape[0], self.n, self.k
-        )
-        return y.view(*shape[:-1], self.n)
+        qs = (g / d[..., None]).round().clamp(-127, 127).to(torch.int8).reshape(n, k)
+        super().__init__(kernels.q8_0_matmul, n, k, qs.contiguous(), d.contiguous())
 
 
 def make_linear(fmt: str, weight: torch.Tensor, q4: Q4Weights | None = None) -> torch.nn.Module:

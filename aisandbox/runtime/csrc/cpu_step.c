@@ -184,21 +184,52 @@ void rope_store_attend(const float *qkv, const float *cos, const float *sin, flo
 /* ---- Block-quantized matrix multiplies: y[R, N] = x[R, K] @ W[N, K]^T ----
  *
  * PyTorch's 4-bit CPU kernel wants bfloat16 activations (8 bits of mantissa) and spends most of a one-row call
- * unpacking. Here the weights stay in their GGUF blocks and the activations are quantized per block of 32 to
- * int16 (a scale per block; error about 1/65536 of the block's largest value, where llama.cpp's int8 Q8_1 costs
- * 1/256 and measured 0 of 32 greedy continuations identical to float32 on SmolLM2). Each block's dot product
- * is two vpmaddwd in integers, scaled once per block in float32.
+ * unpacking. Here the weights stay in their GGUF blocks of 32 and each row of activations is quantized to int16
+ * with one scale per row (error about 1/65536 of the row's largest value; llama.cpp's int8 Q8_1 costs 1/256
+ * per block and measured 0 of 32 greedy continuations identical to float32 on SmolLM2, this 32 of 32). A
+ * block's dot product is two vpmaddwd in integers, then one fused multiply-add by the block's weight scale.
  *
  * Q4_1 (GGUF): per row n and block b, 16 bytes qs (element j is byte j's low nibble, element j + 16 its high
- * nibble), a scale d and a minimum m: w = d * q + m. A block's dot product with x = dx * qx is
- * d * dx * (q . qx) + m * sum(x), where sum(x) per block is taken once per row of x for all N outputs.
+ * nibble), a scale d and a minimum m: w = d * q + m. So a block's dot product with x is
+ * d * dx * (q . qx) + m * sum(x), with sum(x) per block taken once per row of x for all N outputs.
+ * "Q8_1" here: the same with one value per byte (u8): holds a Q4_1 weight exactly, with no nibbles to unpack.
  * Q8_0 (GGUF): per block 32 int8 values and a scale d: w = d * q.
- * "Q8_1" here: Q4_1's layout one value per byte (u8, w = d * q + m): holds a Q4_1 weight exactly and skips the
- * nibble unpacking, which is half the work of a block once several rows of x share it.
  *
- * Four outputs are computed together for one row of x at a time: four independent accumulator chains (one
- * would wait on each fused multiply-add), and those four rows of weights stay in L1 across the rows of x.
+ * One row of x: four outputs at a time (four independent accumulator chains; one would wait on each fused
+ * multiply-add). Several rows: tiles of two outputs by four rows, so that each block of weights is widened
+ * once for four rows (rows are padded to a multiple of four with zeros).
  */
+enum { Q4_1 = 0, Q8_1 = 1, Q8_0 = 2 };
+
+/* x [R, K] -> xq int16 [Rp, K] (rows R..Rp-1 zero), dx [Rp] (row scale), sx [Rp, K/32] (block sums of x). */
+static void quantize_rows(const float *x, int16_t *xq, float *dx, float *sx, int64_t R, int64_t Rp, int64_t K) {
+    const int64_t B = K / 32;
+    for (int64_t r = 0; r < R; r++) {
+        const float *v = x + r * K;
+        float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+        for (int64_t j = 0; j < K; j++) {
+            float a = fabsf(v[j]);
+            amax = a > amax ? a : amax;
+        }
+        float d = amax / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
+#pragma omp simd
+        for (int64_t j = 0; j < K; j++) xq[r * K + j] = (int16_t)lrintf(v[j] * inv);
+        dx[r] = d;
+        for (int64_t b = 0; b < B; b++) {
+            float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+            for (int j = 0; j < 32; j++) sum += v[b * 32 + j];
+            sx[r * B + b] = sum;
+        }
+    }
+    for (int64_t r = R; r < Rp; r++) {
+        memset(xq + r * K, 0, sizeof(int16_t) * (size_t)K);
+        dx[r] = 0.f;
+        memset(sx + r * B, 0, sizeof(float) * (size_t)B);
+    }
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
@@ -208,187 +239,166 @@ static inline float hsum8(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-#endif
 
-/* x [R, K] -> xq int16 [R, K], dx [R, K/32] (block scale), sx [R, K/32] (block sum of x). */
-static void quantize_rows(const float *x, int16_t *xq, float *dx, float *sx, int64_t R, int64_t K) {
-    const int64_t B = K / 32;
-    for (int64_t t = 0; t < R * B; t++) {
-        const float *v = x + t * 32;
-        float amax = 0.f, sum = 0.f;
-#pragma omp simd reduction(max : amax) reduction(+ : sum)
-        for (int j = 0; j < 32; j++) {
-            float a = fabsf(v[j]);
-            amax = a > amax ? a : amax;
-            sum += v[j];
-        }
-        float d = amax / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
-#pragma omp simd
-        for (int j = 0; j < 32; j++) xq[t * 32 + j] = (int16_t)lrintf(v[j] * inv);
-        dx[t] = d;
-        sx[t] = sum;
-    }
-}
-
-static void q4_1_tile(const uint8_t *wq, const float *wd, const float *wm, const int16_t *xq, const float *dx,
-                      const float *sx, float *y, int64_t R, int64_t n, int64_t N, int64_t K) {
-    const int64_t B = K / 32;
-    for (int64_t r = 0; r < R; r++) {
-        const int16_t *xr = xq + r * K;
-        const float *dr = dx + r * B, *sr = sx + r * B;
-        float out[4];
-#if defined(__AVX2__) && defined(__FMA__)
+/* Block b of output row n, widened to int16: elements 0..15 in *w0, 16..31 in *w1. */
+static inline void widen(int kind, const uint8_t *qs, int64_t n, int64_t b, int64_t K, __m256i *w0, __m256i *w1) {
+    if (kind == Q4_1) {
+        __m128i raw = _mm_loadu_si128((const __m128i *)(qs + (n * (K / 32) + b) * 16));
         const __m128i low4 = _mm_set1_epi8(0x0F);
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int64_t b = 0; b < B; b++) {
-            __m256i x0 = _mm256_loadu_si256((const __m256i *)(xr + b * 32));
-            __m256i x1 = _mm256_loadu_si256((const __m256i *)(xr + b * 32 + 16));
-            for (int j = 0; j < 4; j++) {
-                __m128i raw = _mm_loadu_si128((const __m128i *)(wq + (j * B + b) * 16));
-                __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low4));
-                __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low4));
-                __m256i s = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(wd[j * B + b] * dr[b]), _mm256_cvtepi32_ps(s), acc[j]);
-            }
+        *w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low4));
+        *w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low4));
+    } else {
+        const __m128i *p = (const __m128i *)(qs + n * K + b * 32);
+        if (kind == Q8_1) {
+            *w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(p));
+            *w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(p + 1));
+        } else {
+            *w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p));
+            *w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p + 1));
         }
-        for (int j = 0; j < 4; j++) out[j] = hsum8(acc[j]);
-#else
+    }
+}
+
+static inline __m256 block_dot(__m256i w0, __m256i w1, const int16_t *x) {
+    __m256i x0 = _mm256_loadu_si256((const __m256i *)x), x1 = _mm256_loadu_si256((const __m256i *)(x + 16));
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1)));
+}
+
+/* Outputs n..n+3 for one row r. */
+static inline void tile_4x1(int kind, const uint8_t *qs, const float *d, const int16_t *xq, int64_t r, int64_t n,
+                            int64_t K, float out[4]) {
+    const int64_t B = K / 32;
+    const int16_t *xr = xq + r * K;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b = 0; b < B; b++) {
         for (int j = 0; j < 4; j++) {
-            out[j] = 0.f;
-            for (int64_t b = 0; b < B; b++) {
-                int32_t s = 0;
-                for (int e = 0; e < 16; e++) {
-                    uint8_t v = wq[(j * B + b) * 16 + e];
-                    s += (v & 15) * xr[b * 32 + e] + (v >> 4) * xr[b * 32 + e + 16];
+            __m256i w0, w1;
+            widen(kind, qs, n + j, b, K, &w0, &w1);
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d[(n + j) * B + b]), block_dot(w0, w1, xr + b * 32), acc[j]);
+        }
+    }
+    for (int j = 0; j < 4; j++) out[j] = hsum8(acc[j]);
+}
+
+/* Outputs n, n+1 for rows r..r+3. */
+static inline void tile_2x4(int kind, const uint8_t *qs, const float *d, const int16_t *xq, int64_t r, int64_t n,
+                            int64_t K, float out[2][4]) {
+    const int64_t B = K / 32;
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    const int16_t *x0 = xq + r * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+    for (int64_t b = 0; b < B; b++) {
+        __m256i u0, u1, v0, v1;
+        widen(kind, qs, n, b, K, &u0, &u1);
+        widen(kind, qs, n + 1, b, K, &v0, &v1);
+        __m256 du = _mm256_set1_ps(d[n * B + b]), dv = _mm256_set1_ps(d[(n + 1) * B + b]);
+        const int64_t o = b * 32;
+        a00 = _mm256_fmadd_ps(du, block_dot(u0, u1, x0 + o), a00);
+        a10 = _mm256_fmadd_ps(dv, block_dot(v0, v1, x0 + o), a10);
+        a01 = _mm256_fmadd_ps(du, block_dot(u0, u1, x1 + o), a01);
+        a11 = _mm256_fmadd_ps(dv, block_dot(v0, v1, x1 + o), a11);
+        a02 = _mm256_fmadd_ps(du, block_dot(u0, u1, x2 + o), a02);
+        a12 = _mm256_fmadd_ps(dv, block_dot(v0, v1, x2 + o), a12);
+        a03 = _mm256_fmadd_ps(du, block_dot(u0, u1, x3 + o), a03);
+        a13 = _mm256_fmadd_ps(dv, block_dot(v0, v1, x3 + o), a13);
+    }
+    out[0][0] = hsum8(a00), out[0][1] = hsum8(a01), out[0][2] = hsum8(a02), out[0][3] = hsum8(a03);
+    out[1][0] = hsum8(a10), out[1][1] = hsum8(a11), out[1][2] = hsum8(a12), out[1][3] = hsum8(a13);
+}
+#else
+/* Output n for row r, in plain C (a CPU without AVX2 and FMA). */
+static float dot_plain(int kind, const uint8_t *qs, const float *d, const int16_t *xq, int64_t r, int64_t n,
+                       int64_t K) {
+    const int64_t B = K / 32;
+    float out = 0.f;
+    for (int64_t b = 0; b < B; b++) {
+        int32_t s = 0;
+        for (int e = 0; e < 32; e++) {
+            int32_t w;
+            if (kind == Q4_1) {
+                uint8_t v = qs[(n * B + b) * 16 + (e & 15)];
+                w = e < 16 ? (v & 15) : (v >> 4);
+            } else if (kind == Q8_1) {
+                w = qs[n * K + b * 32 + e];
+            } else {
+                w = ((const int8_t *)qs)[n * K + b * 32 + e];
+            }
+            s += w * xq[r * K + b * 32 + e];
+        }
+        out += d[n * B + b] * (float)s;
+    }
+    return out;
+}
+#endif
+
+static inline float min_term(const float *m, const float *sx, int64_t r, int64_t n, int64_t B) {
+    if (m == NULL) return 0.f;
+    const float *mn = m + n * B, *sr = sx + r * B;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t b = 0; b < B; b++) s += mn[b] * sr[b];
+    return s;
+}
+
+static void block_matmul(int kind, const uint8_t *qs, const float *d, const float *m, const float *x, float *y,
+                         int64_t R, int64_t N, int64_t K) {
+    const int64_t B = K / 32, Rp = R == 1 ? 1 : (R + 3) / 4 * 4;
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(Rp * K));
+    float *dx = malloc(sizeof(float) * (size_t)Rp), *sx = malloc(sizeof(float) * (size_t)(Rp * B));
+    quantize_rows(x, xq, dx, sx, R, Rp, K);
+#if defined(__AVX2__) && defined(__FMA__)
+    if (R == 1) {
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < N; n += 4) {
+            float out[4];
+            tile_4x1(kind, qs, d, xq, 0, n, K, out);
+            for (int j = 0; j < 4; j++) y[n + j] = dx[0] * out[j] + min_term(m, sx, 0, n + j, B);
+        }
+    } else {
+        /* The minimum terms of four rows at once: block sums transposed to [B, Rp]. */
+        float *st = malloc(sizeof(float) * (size_t)(B * Rp));
+        for (int64_t r = 0; r < Rp; r++)
+            for (int64_t b = 0; b < B; b++) st[b * Rp + r] = sx[r * B + b];
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < N; n += 2) {
+            for (int64_t r = 0; r < Rp; r += 4) {
+                float out[2][4], mt[2][4];
+                tile_2x4(kind, qs, d, xq, r, n, K, out);
+                for (int j = 0; j < 2; j++) {
+                    __m128 acc = _mm_setzero_ps();
+                    if (m != NULL)
+                        for (int64_t b = 0; b < B; b++)
+                            acc = _mm_fmadd_ps(_mm_set1_ps(m[(n + j) * B + b]), _mm_loadu_ps(st + b * Rp + r), acc);
+                    _mm_storeu_ps(mt[j], acc);
                 }
-                out[j] += wd[j * B + b] * dr[b] * (float)s;
+                for (int64_t i = 0; i < 4 && r + i < R; i++)
+                    for (int j = 0; j < 2; j++) y[(r + i) * N + n + j] = dx[r + i] * out[j][i] + mt[j][i];
             }
         }
-#endif
-        for (int j = 0; j < 4; j++) {
-            const float *mj = wm + j * B;
-            float ms = 0.f;
-#pragma omp simd reduction(+ : ms)
-            for (int64_t b = 0; b < B; b++) ms += mj[b] * sr[b];
-            y[r * N + n + j] = out[j] + ms;
-        }
+        free(st);
     }
-}
-
-/* The same blocks one value per byte (u8 in 0..255, w = d * q + m): no nibbles to unpack. */
-static void q8_1_tile(const uint8_t *wq, const float *wd, const float *wm, const int16_t *xq, const float *dx,
-                      const float *sx, float *y, int64_t R, int64_t n, int64_t N, int64_t K) {
-    const int64_t B = K / 32;
-    for (int64_t r = 0; r < R; r++) {
-        const int16_t *xr = xq + r * K;
-        const float *dr = dx + r * B, *sr = sx + r * B;
-        float out[4];
-#if defined(__AVX2__) && defined(__FMA__)
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int64_t b = 0; b < B; b++) {
-            __m256i x0 = _mm256_loadu_si256((const __m256i *)(xr + b * 32));
-            __m256i x1 = _mm256_loadu_si256((const __m256i *)(xr + b * 32 + 16));
-            for (int j = 0; j < 4; j++) {
-                const uint8_t *q = wq + j * K + b * 32;
-                __m256i w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)q));
-                __m256i w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
-                __m256i s = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(wd[j * B + b] * dr[b]), _mm256_cvtepi32_ps(s), acc[j]);
-            }
-        }
-        for (int j = 0; j < 4; j++) out[j] = hsum8(acc[j]);
 #else
-        for (int j = 0; j < 4; j++) {
-            out[j] = 0.f;
-            for (int64_t b = 0; b < B; b++) {
-                int32_t s = 0;
-                for (int e = 0; e < 32; e++) s += wq[j * K + b * 32 + e] * xr[b * 32 + e];
-                out[j] += wd[j * B + b] * dr[b] * (float)s;
-            }
-        }
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t r = 0; r < R; r++) y[r * N + n] = dx[r] * dot_plain(kind, qs, d, xq, r, n, K) + min_term(m, sx, r, n, B);
 #endif
-        for (int j = 0; j < 4; j++) {
-            const float *mj = wm + j * B;
-            float ms = 0.f;
-#pragma omp simd reduction(+ : ms)
-            for (int64_t b = 0; b < B; b++) ms += mj[b] * sr[b];
-            y[r * N + n + j] = out[j] + ms;
-        }
-    }
-}
-
-static void q8_0_tile(const int8_t *wq, const float *wd, const int16_t *xq, const float *dx, float *y, int64_t R,
-                      int64_t n, int64_t N, int64_t K) {
-    const int64_t B = K / 32;
-    for (int64_t r = 0; r < R; r++) {
-        const int16_t *xr = xq + r * K;
-        const float *dr = dx + r * B;
-        float out[4];
-#if defined(__AVX2__) && defined(__FMA__)
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int64_t b = 0; b < B; b++) {
-            __m256i x0 = _mm256_loadu_si256((const __m256i *)(xr + b * 32));
-            __m256i x1 = _mm256_loadu_si256((const __m256i *)(xr + b * 32 + 16));
-            for (int j = 0; j < 4; j++) {
-                const int8_t *q = wq + j * K + b * 32;
-                __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)q));
-                __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
-                __m256i s = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(wd[j * B + b] * dr[b]), _mm256_cvtepi32_ps(s), acc[j]);
-            }
-        }
-        for (int j = 0; j < 4; j++) out[j] = hsum8(acc[j]);
-#else
-        for (int j = 0; j < 4; j++) {
-            out[j] = 0.f;
-            for (int64_t b = 0; b < B; b++) {
-                int32_t s = 0;
-                for (int e = 0; e < 32; e++) s += wq[j * K + b * 32 + e] * xr[b * 32 + e];
-                out[j] += wd[j * B + b] * dr[b] * (float)s;
-            }
-        }
-#endif
-        for (int j = 0; j < 4; j++) y[r * N + n + j] = out[j];
-    }
+    free(xq);
+    free(dx);
+    free(sx);
 }
 
 /* qs: [N, K/32, 16] bytes; d, m: [N, K/32]; x: [R, K]; y: [R, N]. N % 4 == 0, K % 32 == 0. */
 void q4_1_matmul(const uint8_t *qs, const float *d, const float *m, const float *x, float *y, int64_t R,
                  int64_t N, int64_t K) {
-    const int64_t B = K / 32;
-    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(R * K));
-    float *dx = malloc(sizeof(float) * (size_t)(R * B)), *sx = malloc(sizeof(float) * (size_t)(R * B));
-    quantize_rows(x, xq, dx, sx, R, K);
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n += 4) q4_1_tile(qs + n * B * 16, d + n * B, m + n * B, xq, dx, sx, y, R, n, N, K);
-    free(xq);
-    free(dx);
-    free(sx);
+    block_matmul(Q4_1, qs, d, m, x, y, R, N, K);
 }
 
 /* qs: [N, K] u8; d, m: [N, K/32]; x: [R, K]; y: [R, N]. N % 4 == 0, K % 32 == 0. */
 void q8_1_matmul(const uint8_t *qs, const float *d, const float *m, const float *x, float *y, int64_t R,
                  int64_t N, int64_t K) {
-    const int64_t B = K / 32;
-    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(R * K));
-    float *dx = malloc(sizeof(float) * (size_t)(R * B)), *sx = malloc(sizeof(float) * (size_t)(R * B));
-    quantize_rows(x, xq, dx, sx, R, K);
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n += 4) q8_1_tile(qs + n * K, d + n * B, m + n * B, xq, dx, sx, y, R, n, N, K);
-    free(xq);
-    free(dx);
-    free(sx);
+    block_matmul(Q8_1, qs, d, m, x, y, R, N, K);
 }
 
 /* qs: [N, K] int8; d: [N, K/32]; x: [R, K]; y: [R, N]. N % 4 == 0, K % 32 == 0. */
 void q8_0_matmul(const int8_t *qs, const float *d, const float *x, float *y, int64_t R, int64_t N, int64_t K) {
-    const int64_t B = K / 32;
-    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(R * K));
-    float *dx = malloc(sizeof(float) * (size_t)(R * B)), *sx = malloc(sizeof(float) * (size_t)(R * B));
-    quantize_rows(x, xq, dx, sx, R, K);
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n += 4) q8_0_tile(qs + n * K, d + n * B, xq, dx, y, R, n, N, K);
-    free(xq);
-    free(dx);
-    free(sx);
+    block_matmul(Q8_0, (const uint8_t *)qs, d, NULL, x, y, R, N, K);
 }
