@@ -120,7 +120,9 @@ class _PrefixCache:
     so chat prompts that share a system prompt or a conversation's earlier turns skip that part of prefill.
     """
 
-    BLOCK = 16
+    BLOCK = 8
+    """Tokens a block. 16 (vLLM's) cached only 16 of the 24 tokens SmolLM2's chat template puts before every
+    user message; 8 caches all 24: TTFT p50 at one stream 133 -> 94 ms on 43-token prompts (2-core EPYC)."""
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
