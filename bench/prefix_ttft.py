@@ -16,7 +16,8 @@ from aisandbox.runtime.tokenizer import load_tokenizer
 from aisandbox.runtime.torch_backend import TorchBackend, TorchEngineConfig, _PrefixCache
 from aisandbox.runtime.types import GenerationRequest, SamplingParams
 
-words = "alpha beta gamma delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
+WORDS = "alpha beta gamma delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa"
+words = WORDS.split(" ")
 
 
 class Host:
