@@ -10,18 +10,12 @@ import torch
 from aisandbox.runtime.cpu_forward import CpuForward, build_cpu_forward, lean_unsupported, swap_linears
 from aisandbox.runtime.cpu_weights import FormatChoice
 from aisandbox.runtime.torch_backend import _SlotKV
+from tests.conftest import build_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny_llama():  # type: ignore[no-untyped-def]
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
+    return build_tiny_llama()
 
 
 def _run(fwd, model, prompt: list[int], steps: int) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]

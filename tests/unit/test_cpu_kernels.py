@@ -12,6 +12,7 @@ from aisandbox.runtime import cpu_forward, cpu_kernels
 from aisandbox.runtime.cpu_forward import CpuForward, build_cpu_forward
 from aisandbox.runtime.cpu_weights import FormatChoice, make_linear, quantize_q4, supports
 from aisandbox.runtime.torch_backend import _SlotKV
+from tests.conftest import build_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +102,7 @@ def test_the_norm_and_silu_kernels_match_pytorch(ck) -> None:  # type: ignore[no
 
 @pytest.fixture(scope="module")
 def tiny_llama():  # type: ignore[no-untyped-def]
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
+    return build_tiny_llama(heads=6, hidden_size=96, max_position_embeddings=256)
 
 
 def _group_step(fwd: CpuForward, kv: _SlotKV, starts: list[int], col: int, width: int, fused: bool,
