@@ -264,8 +264,10 @@ class CpuForward:
             ck.add_rms_norm(x.data_ptr(), down.data_ptr(), nxt.data_ptr(), h.data_ptr(), n, dim, eps)
         # h is now the final norm of every position.
         if all_positions:
-            return self.head(h).float().view(rows, q, -1)
-        return self.head(h.view(rows, q, dim)[:, -1]).float()
+            every: torch.Tensor = self.head.forward(h)
+            return every.float().view(rows, q, -1)
+        last: torch.Tensor = self.head.forward(h.view(rows, q, dim)[:, -1])
+        return last.float()
 
 
 def release_decoder_layers(model: Any) -> None:
