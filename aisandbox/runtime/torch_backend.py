@@ -424,6 +424,9 @@ class TorchBackend:
             admitted = self._admit(waiting, running)
             if admitted:
                 self._prefill(admitted, running, out)
+                if out:  # the first tokens go out now, not after the decode step below (a step less of TTFT)
+                    emit(out)
+                    out = []
             if running:
                 self._decode(running, out)
             self._n_running = len(running)
