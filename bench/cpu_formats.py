@@ -59,15 +59,15 @@ def steps(model_dir: Path, reps: int) -> None:
     cfg = model.config
     q4 = load_q4_file(model_dir)
     old = copy.deepcopy(model)
-    swap_linears(old, FormatChoice(("fp32",) * 4))
+    swap_linears(old, FormatChoice.every("fp32"))
     variants: dict[str, object] = {"old (transformers fwd, fp32)": old}
     kernels = cpu_kernels.load()
     fused: set[str] = set()
     with torch.inference_mode():
         for fmt in FORMATS:
-            body = FormatChoice((fmt,) * 4)
+            body = FormatChoice.every(fmt)
             # The Q8_0 output layer stays Q8_0 under our 4/8-bit body formats, as `--weights-dtype` does.
-            head = FormatChoice(("q8_0",) * 4) if fmt in ("q4_1", "q8_1") else body
+            head = FormatChoice.every("q8_0") if fmt in ("q4_1", "q8_1") else body
             fwd = CpuForward(model, body, head, q4, kernels)
             if fmt in ("fp32", "fp16", "int4", "q4_1"):
                 variants[f"lean {fmt}, PyTorch ops"] = fwd
@@ -150,7 +150,7 @@ def profile(model_dir: Path) -> None:
     print("|---|--:|" + "--:|" * (len(_GROUPS) + 2))
     with torch.inference_mode():
         for fmt, rows in (("int4", 1), ("fp32", 1), ("fp32", 16), ("int4", 16)):
-            choice = FormatChoice((fmt,) * 4)
+            choice = FormatChoice.every(fmt)
             fwd = CpuForward(model, choice, choice, q4)
             ids = torch.randint(100, 1000, (rows, 1))
             pos = torch.full((rows, 1), 160)

@@ -370,12 +370,12 @@ def build_cpu_forward(
             head_t = {key: ms * head_shape[0] / rows for key, ms in sample.items()}
         body, head = choose_formats(body_t, allowed), choose_formats(head_t, head_allowed)
     else:
-        body = head = FormatChoice((weights_dtype,) * 4)
+        body = head = FormatChoice.every(weights_dtype)
         if weights_dtype in ("int4", "q4_1", "q8_1") and "lm_head.weight" not in q4:
             # The output layer has no 4-bit source (the GGUF keeps it in 8 bits): 4 bits there cost greedy
             # agreement far more than in the body (measured: 0 of 32 prompts identical vs fp32, against 6 of 8).
             # Our kernels hold the GGUF's Q8_0 output layer as Q8_0 blocks, exactly.
-            head = FormatChoice(("int8" if weights_dtype == "int4" else "q8_0",) * 4)
+            head = FormatChoice.every("int8" if weights_dtype == "int4" else "q8_0")
     what = f"lean forward ({len(model.model.layers)} layers)" if lean else f"transformers' forward ({reason})"
     if lean:
         # fp32 everywhere is the exact mode (greedy output identical to transformers): PyTorch's ops only,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -56,9 +57,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "q4_1", "q8_1", "q8_0")
-BUCKETS = (1, 4, 16, 64)
+BUCKETS = (1, 4, 8, 16, 64)
 """Rows (tokens) per call at which formats are timed; a call with r rows uses the bucket of the smallest
-measured count >= r (the last bucket beyond). 1: one decode stream; 4, 16: batched decode; 64: prefill."""
+measured count >= r (the last bucket beyond). 1: one decode stream; 4, 8, 16: batched decode; 64: prefill."""
 GROUP = 32
 
 _FLAGS_OF_INTEREST = (
@@ -306,6 +307,11 @@ class FormatChoice:
     timings_ms: dict[tuple[str, int], float] = field(default_factory=dict)
     """(format, rows) -> measured ms for all of the model's linear layers once."""
 
+    @classmethod
+    def every(cls, fmt: str) -> FormatChoice:
+        """`fmt` at every row count."""
+        return cls((fmt,) * len(BUCKETS))
+
     def fmt_for_rows(self, rows: int) -> str:
         return self.by_bucket[min(bisect.bisect_left(BUCKETS, rows), len(BUCKETS) - 1)]
 
@@ -352,6 +358,12 @@ def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
     return max(sizes, default=default)
 
 
+BITS_PER_WEIGHT = {
+    "fp32": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "int4": 5.0, "q4_1": 6.0, "q8_1": 10.0, "q8_0": 9.0,
+}  # fmt: skip
+"""Bytes read per weight x 8, scales included (int4: bf16 scale and zero per 32; q*: float32 per 32)."""
+
+
 def measure_formats(
     shapes: Iterable[tuple[int, int, int]],
     allowed: Sequence[str],
@@ -361,49 +373,50 @@ def measure_formats(
 ) -> dict[tuple[str, int], float]:
     """Time each allowed format on the model's layer shapes at each bucket's row count.
 
-    shapes: (N, K, count) per distinct shape. Each (format, rows) is the sum over shapes of count x the best
-    time of one call on one layer of that shape, in ms. In a forward every layer's weights come from memory
-    (the model is larger than the cache), so each timed call follows a sweep of twice the last-level cache:
-    timing one layer's repeated calls would hand the larger formats a cache the real step never gives them.
-    Formats are interleaved, and the rounds repeat while time is left in the budget (at least two), so that a
-    busy neighbour disturbs them all alike.
+    shapes: (N, K, count) per distinct shape. Each (format, rows) is the sum over shapes of count x the mean
+    time of one call on a layer of that shape, in ms, timed as a forward runs them: one call per layer, back to
+    back, over enough distinct copies of the layers that their weights are twice the last-level cache (a forward
+    reads each layer's weights from memory; timing one layer's repeated calls would hand the larger formats a
+    cache the real step never gives them, and timing single calls after evicting the cache charges every call a
+    cold start the real step does not pay). Formats are interleaved, and the rounds repeat while time is left in
+    the budget (at least two), so that a busy neighbour disturbs them all alike; each keeps its best round.
     """
     shapes = list(shapes)
-    layers: dict[tuple[str, int, int], torch.nn.Module] = {}
-    for n, k, _ in shapes:
-        w = weights[(n, k)] if weights and (n, k) in weights else torch.randn(n, k) * 0.02
-        for fmt in allowed:
-            if supports(fmt, n, k):
-                layers[(fmt, n, k)] = make_linear(fmt, w)
-    sweep = torch.zeros(2 * last_level_cache_bytes() // 4)
-    best: dict[tuple[str, int, int, int], float] = {}
+    most = max(c for _, _, c in shapes)
+    cache_bits = 2 * last_level_cache_bytes() * 8
+    chains: dict[str, list[list[torch.nn.Module]]] = {}
+    for fmt in allowed:
+        fits = [(n, k) for n, k, _ in shapes if supports(fmt, n, k)]
+        if len(fits) < len(shapes):
+            continue
+        copies = min(most, max(1, math.ceil(cache_bits / (BITS_PER_WEIGHT[fmt] * sum(n * k for n, k in fits)))))
+        chain = []
+        for n, k in fits:
+            w = weights[(n, k)] if weights and (n, k) in weights else torch.randn(n, k) * 0.02
+            chain.append([make_linear(fmt, w if i == 0 else w.clone()) for i in range(copies)])
+        chains[fmt] = chain
+    best: dict[tuple[str, int], float] = {}
     start = clock()
     rounds = 0
     with torch.inference_mode():
         inputs = {(rows, k): torch.randn(rows, k) for rows in BUCKETS for _, k, _ in shapes}
-        for (_fmt, _n, k), layer in layers.items():  # first calls allocate; keep them out of the timings
-            layer(inputs[(1, k)])
+        for fmt, chain in chains.items():  # first calls allocate; keep them out of the timings
+            for (_, k, _), layers in zip(shapes, chain, strict=True):
+                layers[0](inputs[(1, k)])
         while rounds < 2 or (clock() - start < budget_s and rounds < 20):
             rounds += 1
             for rows in BUCKETS:
-                for fmt in allowed:
-                    for n, k, _ in shapes:
-                        timed = layers.get((fmt, n, k))
-                        if timed is None:
-                            continue
-                        x = inputs[(rows, k)]
-                        sweep.add_(1.0)  # evict the weights from every cache level
-                        t0 = clock()
-                        timed(x)
-                        key = (fmt, rows, n, k)
-                        best[key] = min(best.get(key, float("inf")), clock() - t0)
-    timings: dict[tuple[str, int], float] = {}
-    for fmt in allowed:
-        for rows in BUCKETS:
-            keys = [(fmt, rows, n, k) for n, k, _ in shapes]
-            if all(key in best for key in keys):
-                timings[(fmt, rows)] = 1e3 * sum(best[(fmt, rows, n, k)] * c for n, k, c in shapes)
-    return timings
+                for fmt, chain in chains.items():
+                    spent = [0.0] * len(shapes)
+                    for i in range(len(chain[0])):
+                        for j, (_, k, _) in enumerate(shapes):
+                            x = inputs[(rows, k)]
+                            t0 = clock()
+                            chain[j][i](x)
+                            spent[j] += clock() - t0
+                    total = 1e3 * sum(t / len(chain[0]) * c for t, (_, _, c) in zip(spent, shapes, strict=True))
+                    best[(fmt, rows)] = min(best.get((fmt, rows), float("inf")), total)
+    return best
 
 
 class BucketedLinear(torch.nn.Module):

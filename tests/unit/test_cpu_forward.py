@@ -48,7 +48,7 @@ def _reference(model, prompt: list[int], steps: int) -> list[torch.Tensor]:  # t
 @pytest.mark.parametrize("fmt, tol", [("fp32", 1e-4), ("bf16", 0.05), ("int8", 0.05), ("int4", 0.15)])
 def test_lean_forward_matches_transformers(tiny_llama, fmt: str, tol: float) -> None:  # type: ignore[no-untyped-def]
     assert lean_unsupported(tiny_llama) is None
-    choice = FormatChoice((fmt,) * 4)
+    choice = FormatChoice.every(fmt)
     prompt = [1, 17, 42, 99, 7, 3, 250, 11]
     with torch.inference_mode():
         ours = _run(CpuForward(tiny_llama, choice, choice), tiny_llama, prompt, 6)
@@ -85,5 +85,5 @@ def test_swap_linears_keeps_bias(tiny_llama) -> None:  # type: ignore[no-untyped
     x = torch.randn(3, 64)
     with torch.inference_mode():
         ref = layer(x)
-        assert swap_linears(layer, FormatChoice(("fp32",) * 4)) == 1
+        assert swap_linears(layer, FormatChoice.every("fp32")) == 1
         assert torch.allclose(layer(x), ref, atol=1e-5)

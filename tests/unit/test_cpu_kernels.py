@@ -149,7 +149,7 @@ def test_fused_forward_matches_pytorch_ops_with_padding_and_decode(
 ) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
     if long_prompt:  # the prefill takes PyTorch's flash attention between our kernels
         monkeypatch.setattr(cpu_forward, "ATTEND_LIMIT", 16)
-    choice = FormatChoice(("fp32",) * 4)
+    choice = FormatChoice.every("fp32")
     fwd = CpuForward(tiny_llama, choice, choice, None, ck)
     starts, col, width = [2, 0, 5], 12, 12  # three prompts of 10, 12 and 7 tokens, left-padded
     out = {}
@@ -166,7 +166,7 @@ def test_fused_forward_matches_pytorch_ops_with_padding_and_decode(
 
 def test_fused_forward_keeps_a_cached_prefix(ck, tiny_llama) -> None:  # type: ignore[no-untyped-def]
     """Positions whose KV came from the prefix cache (write_mask false) are neither stored nor attended from."""
-    choice = FormatChoice(("fp32",) * 4)
+    choice = FormatChoice.every("fp32")
     fwd = CpuForward(tiny_llama, choice, choice, None, ck)
     valid = torch.ones(2, 8, dtype=torch.bool)
     valid[0, :3] = False  # row 0's first three query columns are cached already
