@@ -568,4 +568,3 @@ def test_token_logprobs_from_the_executor_dicts() -> None:
     assert out[0].logprob == -0.1 and out[0].top == ((5, -0.1), (9, -2.5))
     assert out[1].logprob == -4.0 and out[1].top == ((4, -0.3), (8, -1.9))
     assert token_logprobs(diff, [5, 6], top=0)[1].top == ()
-
