@@ -43,15 +43,17 @@ def mistral_v3_tokenizer_file() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "data" / "mistral_instruct_tokenizer_240323.model.v3"
 
 
-def build_tiny_llama(heads: int = 4, hidden_size: int = 64, max_position_embeddings: int = 128) -> Any:
-    """A tiny random-weight Llama (2 layers, grouped KV heads of 16), built in memory, seed 0."""
+def build_tiny_llama(
+    heads: int = 4, hidden_size: int = 64, max_position_embeddings: int = 128, head_dim: int = 16
+) -> Any:
+    """A tiny random-weight Llama (2 layers, two grouped KV heads of `head_dim`), built in memory, seed 0."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=256, hidden_size=hidden_size, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=heads, num_key_value_heads=2, head_dim=16,
+        num_attention_heads=heads, num_key_value_heads=2, head_dim=head_dim,
         max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
     )  # fmt: skip
     return LlamaForCausalLM(cfg).eval()

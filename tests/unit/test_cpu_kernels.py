@@ -143,12 +143,24 @@ def _kv(model) -> _SlotKV:  # type: ignore[no-untyped-def]
     return kv
 
 
-@pytest.mark.parametrize("long_prompt", [False, True])
+@pytest.fixture(scope="module")
+def wide_heads():  # type: ignore[no-untyped-def]
+    """Heads of 64 and 32 values (the vector paths of our attention; 16 takes the plain loops), 3 and 4 query
+    heads a KV head (SmolLM2's and Mistral's groupings)."""
+    return {
+        (6, 64): build_tiny_llama(heads=6, hidden_size=96, max_position_embeddings=256, head_dim=64),
+        (8, 32): build_tiny_llama(heads=8, hidden_size=96, max_position_embeddings=256, head_dim=32),
+    }
+
+
+@pytest.mark.parametrize(("long_prompt", "heads"), [(False, None), (True, None), (False, (6, 64)), (False, (8, 32))])
 def test_fused_forward_matches_pytorch_ops_with_padding_and_decode(
-    ck, tiny_llama, monkeypatch, long_prompt: bool
+    ck, tiny_llama, wide_heads, monkeypatch, long_prompt: bool, heads: tuple[int, int] | None
 ) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
     if long_prompt:  # the prefill takes PyTorch's flash attention between our kernels
         monkeypatch.setattr(cpu_forward, "ATTEND_LIMIT", 16)
+    if heads is not None:
+        tiny_llama = wide_heads[heads]
     choice = FormatChoice.every("fp32")
     fwd = CpuForward(tiny_llama, choice, choice, None, ck)
     starts, col, width = [2, 0, 5], 12, 12  # three prompts of 10, 12 and 7 tokens, left-padded

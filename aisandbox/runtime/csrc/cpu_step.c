@@ -86,6 +86,145 @@ static inline void rope(const float *x, const float *c, const float *s, float *o
     }
 }
 
+/* Attention of g query heads q [g, d] that share one KV head, over n cached columns K, V [n, d]: o [g, d], by
+ * attend() below. p: scratch [g, n] for the scores. */
+static void scores_plain(const float *q, const float *K, int64_t n, int64_t g, int64_t d, float scale, float *p) {
+    for (int64_t j = 0; j < n; j++) { /* scores for the g heads, reading K once */
+        const float *k = K + j * d;
+        for (int64_t h = 0; h < g; h++) {
+            const float *qh = q + h * d;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t e = 0; e < d; e++) s += qh[e] * k[e];
+            p[h * n + j] = s * scale;
+        }
+    }
+}
+
+static void softmax_rows(float *p, int64_t g, int64_t n) {
+    for (int64_t h = 0; h < g; h++) {
+        float *ph = p + h * n, m = -FLT_MAX, sum = 0.f;
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < n; j++) m = ph[j] > m ? ph[j] : m;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; j++) {
+            ph[j] = exp_f(ph[j] - m);
+            sum += ph[j];
+        }
+        float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) ph[j] *= inv;
+    }
+}
+
+static void weigh_plain(const float *p, const float *V, int64_t n, int64_t g, int64_t d, float *acc) {
+    memset(acc, 0, sizeof(float) * (size_t)(g * d));  /* acc: the output, [g, d] */
+    for (int64_t j = 0; j < n; j++) {
+        const float *v = V + j * d;
+        for (int64_t h = 0; h < g; h++) {
+            float w = p[h * n + j], *a = acc + h * d;
+#pragma omp simd
+            for (int64_t e = 0; e < d; e++) a[e] += w * v[e];
+        }
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* The four sums of a0..a3, in order. */
+static inline __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+/* Scores of heads h0..h0+hg-1 (hg <= 3, a constant once inlined) against columns j..j+3: twelve accumulators,
+ * each column's K read once for all the heads, four sums reduced at once. d % 8 == 0. */
+static inline __attribute__((always_inline)) void scores4(const float *q, const float *K, int64_t n, int64_t d,
+                                                          float scale, float *p, int64_t h0, int hg, int64_t j) {
+    __m256 a[3][4];
+    for (int h = 0; h < 3; h++)
+        for (int c = 0; c < 4; c++) a[h][c] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < d; e += 8) {
+        __m256 k[4];
+        for (int c = 0; c < 4; c++) k[c] = _mm256_loadu_ps(K + (j + c) * d + e);
+        for (int h = 0; h < hg; h++) {
+            __m256 qv = _mm256_loadu_ps(q + (h0 + h) * d + e);
+            for (int c = 0; c < 4; c++) a[h][c] = _mm256_fmadd_ps(qv, k[c], a[h][c]);
+        }
+    }
+    for (int h = 0; h < hg; h++)
+        _mm_storeu_ps(p + (h0 + h) * n + j, _mm_mul_ps(hsum4x8(a[h][0], a[h][1], a[h][2], a[h][3]), _mm_set1_ps(scale)));
+}
+
+/* acc[h0..h0+hg-1, e0..e0+31] = sum_j p[h, j] V[j, e]: twelve accumulators, each V row read once for the heads. */
+static inline __attribute__((always_inline)) void weigh32(const float *p, const float *V, int64_t n, int64_t d,
+                                                          float *acc, int64_t h0, int hg, int64_t e0) {
+    __m256 a[3][4];
+    for (int h = 0; h < 3; h++)
+        for (int c = 0; c < 4; c++) a[h][c] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j++) {
+        __m256 v[4];
+        for (int c = 0; c < 4; c++) v[c] = _mm256_loadu_ps(V + j * d + e0 + 8 * c);
+        for (int h = 0; h < hg; h++) {
+            __m256 w = _mm256_broadcast_ss(p + (h0 + h) * n + j);
+            for (int c = 0; c < 4; c++) a[h][c] = _mm256_fmadd_ps(w, v[c], a[h][c]);
+        }
+    }
+    for (int h = 0; h < hg; h++)
+        for (int c = 0; c < 4; c++) _mm256_storeu_ps(acc + (h0 + h) * d + e0 + 8 * c, a[h][c]);
+}
+
+static void attend(const float *q, const float *K, const float *V, int64_t n, int64_t g, int64_t d, float scale,
+                   float *p, float *o) {
+    if (d % 32 != 0) {
+        scores_plain(q, K, n, g, d, scale, p);
+        softmax_rows(p, g, n);
+        weigh_plain(p, V, n, g, d, o);
+        return;
+    }
+    for (int64_t h0 = 0; h0 < g; h0 += 3) {
+        const int hg = g - h0 < 3 ? (int)(g - h0) : 3;
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+            if (hg == 3) scores4(q, K, n, d, scale, p, h0, 3, j);
+            else if (hg == 2) scores4(q, K, n, d, scale, p, h0, 2, j);
+            else scores4(q, K, n, d, scale, p, h0, 1, j);
+        }
+        for (; j < n; j++)
+            for (int64_t h = h0; h < h0 + hg; h++) {
+                __m256 s = _mm256_setzero_ps();
+                for (int64_t e = 0; e < d; e += 8)
+                    s = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + e), _mm256_loadu_ps(K + j * d + e), s);
+                p[h * n + j] = hsum8(s) * scale;
+            }
+    }
+    softmax_rows(p, g, n);
+    for (int64_t h0 = 0; h0 < g; h0 += 3) {
+        const int hg = g - h0 < 3 ? (int)(g - h0) : 3;
+        for (int64_t e0 = 0; e0 < d; e0 += 32) {
+            if (hg == 3) weigh32(p, V, n, d, o, h0, 3, e0);
+            else if (hg == 2) weigh32(p, V, n, d, o, h0, 2, e0);
+            else weigh32(p, V, n, d, o, h0, 1, e0);
+        }
+    }
+}
+#else
+static void attend(const float *q, const float *K, const float *V, int64_t n, int64_t g, int64_t d, float scale,
+                   float *p, float *o) {
+    scores_plain(q, K, n, g, d, scale, p);
+    softmax_rows(p, g, n);
+    weigh_plain(p, V, n, g, d, o);
+}
+#endif
+
 /* Rotary on q and k, K and V stored in the layer's cache, then attention for each query.
  *
  * qkv: [R, Q, (hq + 2 hk) * d], the fused projection's output (q heads, then k heads, then v heads).
@@ -123,7 +262,6 @@ void rope_store_attend(const float *qkv, const float *cos, const float *sin, flo
 #pragma omp parallel
     {
         float *p = malloc(sizeof(float) * (size_t)(g * (write_col + Q)));
-        float *acc = malloc(sizeof(float) * (size_t)(g * d));
 #pragma omp for collapse(3) schedule(dynamic, 1)
         for (int64_t r = 0; r < R; r++) {
             for (int64_t kh = 0; kh < hk; kh++) {
@@ -138,46 +276,11 @@ void rope_store_attend(const float *qkv, const float *cos, const float *sin, flo
                     const int64_t lo = start[r], n = col + 1 - lo;
                     const float *K = kbuf + (((row0 + r) * hk + kh) * cols_cap + lo) * d;
                     const float *V = vbuf + (((row0 + r) * hk + kh) * cols_cap + lo) * d;
-                    const float *q = qout + (t * hq + kh * g) * d;
-                    /* scores for the g query heads that share this KV head, reading K once */
-                    for (int64_t j = 0; j < n; j++) {
-                        const float *k = K + j * d;
-                        for (int64_t h = 0; h < g; h++) {
-                            const float *qh = q + h * d;
-                            float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                            for (int64_t e = 0; e < d; e++) s += qh[e] * k[e];
-                            p[h * n + j] = s * scale;
-                        }
-                    }
-                    for (int64_t h = 0; h < g; h++) {
-                        float *ph = p + h * n, m = -FLT_MAX, sum = 0.f;
-#pragma omp simd reduction(max : m)
-                        for (int64_t j = 0; j < n; j++) m = ph[j] > m ? ph[j] : m;
-#pragma omp simd reduction(+ : sum)
-                        for (int64_t j = 0; j < n; j++) {
-                            ph[j] = exp_f(ph[j] - m);
-                            sum += ph[j];
-                        }
-                        float inv = 1.f / sum;
-#pragma omp simd
-                        for (int64_t j = 0; j < n; j++) ph[j] *= inv;
-                    }
-                    memset(acc, 0, sizeof(float) * (size_t)(g * d));
-                    for (int64_t j = 0; j < n; j++) {
-                        const float *v = V + j * d;
-                        for (int64_t h = 0; h < g; h++) {
-                            float w = p[h * n + j], *a = acc + h * d;
-#pragma omp simd
-                            for (int64_t e = 0; e < d; e++) a[e] += w * v[e];
-                        }
-                    }
-                    memcpy(o, acc, sizeof(float) * (size_t)(g * d));
+                    attend(qout + (t * hq + kh * g) * d, K, V, n, g, d, scale, p, o);
                 }
             }
         }
         free(p);
-        free(acc);
     }
 }
 
@@ -231,15 +334,6 @@ static void quantize_rows(const float *x, int16_t *xq, float *dx, float *sx, int
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* Block b of output row n, widened to int16: elements 0..15 in *w0, 16..31 in *w1. */
 static inline void widen(int kind, const uint8_t *qs, int64_t n, int64_t b, int64_t K, __m256i *w0, __m256i *w1) {
     if (kind == Q4_1) {
