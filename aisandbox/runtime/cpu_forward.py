@@ -23,6 +23,7 @@ from aisandbox.runtime import cpu_kernels
 from aisandbox.runtime.cpu_kernels import CpuKernels
 from aisandbox.runtime.cpu_weights import (
     FORMATS,
+    FROM_Q4,
     BucketedLinear,
     FormatChoice,
     Q4Weights,
@@ -352,7 +353,7 @@ def build_cpu_forward(
         # so it is timed only where the CPU has them.
         has_bf16 = any(f in flags for f in ("avx512_bf16", "amx_bf16"))
         allowed = [f for f in FORMATS if f != "bf16" or has_bf16]
-        head_allowed = allowed if "lm_head.weight" in q4 else [f for f in allowed if f not in ("int4", "q4_1")]
+        head_allowed = allowed if "lm_head.weight" in q4 else [f for f in allowed if f not in ("int4", "q4_1", "q4_1p")]
         if q4:
             # A GGUF source: never requantize its weights onto another grid (int8's per-row and q8_0's symmetric
             # steps cannot hold Q4_1's d*q + m; int4 rounds activations to bf16): those cost greedy agreement
@@ -371,7 +372,7 @@ def build_cpu_forward(
         body, head = choose_formats(body_t, allowed), choose_formats(head_t, head_allowed)
     else:
         body = head = FormatChoice.every(weights_dtype)
-        if weights_dtype in ("int4", "q4_1", "q8_1") and "lm_head.weight" not in q4:
+        if weights_dtype in FROM_Q4 and "lm_head.weight" not in q4:
             # The output layer has no 4-bit source (the GGUF keeps it in 8 bits): 4 bits there cost greedy
             # agreement far more than in the body (measured: 0 of 32 prompts identical vs fp32, against 6 of 8).
             # Our kernels hold the GGUF's Q8_0 output layer as Q8_0 blocks, exactly.

@@ -40,6 +40,7 @@ _SIGNATURES = {
         _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _f32,
     ],
     "q4_1_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
+    "q4_1p_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "q8_0_matmul": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "q8_1_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
 }  # fmt: skip
@@ -59,6 +60,7 @@ class CpuKernels:
         self.silu_mul = lib.silu_mul
         self.rope_store_attend = lib.rope_store_attend
         self.q4_1_matmul = lib.q4_1_matmul
+        self.q4_1p_matmul = lib.q4_1p_matmul
         self.q8_0_matmul = lib.q8_0_matmul
         self.q8_1_matmul = lib.q8_1_matmul
 

@@ -42,6 +42,7 @@ from aisandbox.runtime.cpu_kernels import CpuKernels
 __all__ = [
     "BUCKETS",
     "FORMATS",
+    "FROM_Q4",
     "BucketedLinear",
     "FormatChoice",
     "Q4Weights",
@@ -56,7 +57,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "q4_1", "q8_1", "q8_0")
+FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "q4_1", "q4_1p", "q8_1", "q8_0")
+FROM_Q4 = ("int4", "q4_1", "q4_1p", "q8_1")
+"""The formats that hold a 4-bit source's values as they are (int4 with bf16 scales)."""
 BUCKETS = (1, 4, 8, 16, 64)
 """Rows (tokens) per call at which formats are timed; a call with r rows uses the bucket of the smallest
 measured count >= r (the last bucket beyond). 1: one decode stream; 4, 8, 16: batched decode; 64: prefill."""
@@ -229,6 +232,21 @@ class _Q4_1(_BlockLinear):
         super().__init__(kernels.q4_1_matmul, n, k, qs, q4.scale.float().contiguous(), q4.low.float().contiguous())
 
 
+class _Q4_1P(_BlockLinear):
+    """Q4_1's values in panels of 16 outputs (see csrc/cpu_step.c): unpacked to float32 per call and multiplied
+    in float32 with register tiles of 6 rows x 16 outputs; for several rows."""
+
+    def __init__(self, q4: Q4Weights, kernels: CpuKernels) -> None:
+        n, k = q4.q.shape
+        q = q4.q.view(n // 16, 2, 8, k)
+        qp = (q[:, 0] | (q[:, 1] << 4)).transpose(1, 2).contiguous()  # [N/16, K, 8]
+
+        def panels(v: torch.Tensor) -> torch.Tensor:
+            return v.float().view(n // 16, 16, k // GROUP).transpose(1, 2).contiguous()  # [N/16, K/32, 16]
+
+        super().__init__(kernels.q4_1p_matmul, n, k, qp, panels(q4.scale), panels(q4.low))
+
+
 class _Q8_1(_BlockLinear):
     """Q4_1's layout one value per byte (u8, w = d * q + m per 32 columns): our C kernel. A Q4_1 source is held
     exactly (q in 0..15); any other weight gets 255 levels per block."""
@@ -269,12 +287,13 @@ def make_linear(fmt: str, weight: torch.Tensor, q4: Q4Weights | None = None) -> 
         return _Int8(weight)
     if fmt == "int4":
         return _Int4(q4 if q4 is not None else quantize_q4(weight))
-    if fmt in ("q4_1", "q8_1", "q8_0"):
+    if fmt in ("q4_1", "q4_1p", "q8_1", "q8_0"):
         kernels = cpu_kernels.load()
         if kernels is None:
             raise ValueError(f"weight format {fmt} needs the C kernels, which cannot be built here")
-        if fmt == "q4_1":
-            return _Q4_1(q4 if q4 is not None else quantize_q4(weight), kernels)
+        if fmt in ("q4_1", "q4_1p"):
+            cls = _Q4_1 if fmt == "q4_1" else _Q4_1P
+            return cls(q4 if q4 is not None else quantize_q4(weight), kernels)
         return _Q8_1(weight, q4, kernels) if fmt == "q8_1" else _Q8_0(weight, kernels)
     raise ValueError(f"unknown weight format {fmt!r}")
 
@@ -290,8 +309,8 @@ def supports(fmt: str, n: int, k: int) -> bool:
             hasattr(torch.ops.quantized, "linear_prepack_fp16")
             and "fbgemm" in torch.backends.quantized.supported_engines
         )
-    if fmt in ("q4_1", "q8_1", "q8_0"):
-        return k % GROUP == 0 and n % 4 == 0 and cpu_kernels.load() is not None
+    if fmt in ("q4_1", "q4_1p", "q8_1", "q8_0"):
+        return k % GROUP == 0 and n % (16 if fmt == "q4_1p" else 4) == 0 and cpu_kernels.load() is not None
     return True
 
 
@@ -359,7 +378,8 @@ def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
 
 
 BITS_PER_WEIGHT = {
-    "fp32": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "int4": 5.0, "q4_1": 6.0, "q8_1": 10.0, "q8_0": 9.0,
+    "fp32": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "int4": 5.0, "q4_1": 6.0, "q4_1p": 6.0, "q8_1": 10.0,
+    "q8_0": 9.0,
 }  # fmt: skip
 """Bytes read per weight x 8, scales included (int4: bf16 scale and zero per 32; q*: float32 per 32)."""
 
@@ -434,7 +454,7 @@ class BucketedLinear(torch.nn.Module):
         for fmt in choice.by_bucket:
             use = fmt if supports(fmt, n, k) else "fp32"
             if use not in impls:
-                impls[use] = make_linear(use, weight, q4 if use in ("int4", "q4_1", "q8_1") else None)
+                impls[use] = make_linear(use, weight, q4 if use in FROM_Q4 else None)
             by_bucket.append(impls[use])
         self.impls = torch.nn.ModuleDict(impls)
         self._by_bucket = by_bucket

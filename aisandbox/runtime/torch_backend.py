@@ -37,6 +37,7 @@ import torch
 
 from aisandbox.errors import InvalidRequest
 from aisandbox.runtime.cpu_forward import CpuForward, build_cpu_forward, load_q4_file, release_decoder_layers
+from aisandbox.runtime.cpu_weights import FROM_Q4
 from aisandbox.runtime.engine import BackendHost
 from aisandbox.runtime.guided import compile_grammar
 from aisandbox.runtime.sampling import Sampler, SamplerRow, StepResult, prompt_logprobs
@@ -358,7 +359,7 @@ class TorchBackend:
         self._fast: CpuForward | None = None
         if device == "cpu" and dtype == torch.float32:
             with torch.inference_mode():
-                q4 = load_q4_file(model_path) if cfg.weights_dtype in ("auto", "int4", "q4_1", "q8_1") else {}
+                q4 = load_q4_file(model_path) if cfg.weights_dtype in ("auto", *FROM_Q4) else {}
                 self._fast, choice = build_cpu_forward(model, cfg.weights_dtype, q4)
             if self._fast is not None:
                 release_decoder_layers(model)

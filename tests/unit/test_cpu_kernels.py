@@ -39,6 +39,19 @@ def test_q4_1_matches_its_dequantized_weight_in_float32(ck, rows: int) -> None: 
     assert (y - ref).abs().max() <= 1e-3 * ref.abs().max()
 
 
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 16])
+def test_q4_1_panels_match_the_dequantized_weight_to_float32_rounding(ck, rows: int) -> None:  # type: ignore[no-untyped-def]
+    """q4_1p: the same values unpacked to float32 in panels of 16 outputs; every group of six rows and the rest."""
+    torch.manual_seed(rows)
+    w = torch.randn(48, 96) * 0.05
+    q4 = quantize_q4(w)
+    x = torch.randn(rows, 96) * 3
+    with torch.inference_mode():
+        y = make_linear("q4_1p", w, q4)(x)
+    ref = x @ q4.dequantize().T
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 @pytest.mark.parametrize("rows", [1, 6])
 def test_q8_1_holds_a_q4_1_weight_exactly_and_others_in_255_levels(ck, rows: int) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(2)
@@ -68,9 +81,10 @@ def test_q8_0_matches_a_q8_0_weight(ck, rows: int) -> None:  # type: ignore[no-u
     assert (y - ref).abs().max() <= 1e-3 * ref.abs().max()
 
 
-def test_the_kernels_need_whole_blocks_and_groups_of_four_outputs(ck) -> None:  # type: ignore[no-untyped-def]
+def test_the_kernels_need_whole_blocks_and_groups_of_outputs(ck) -> None:  # type: ignore[no-untyped-def]
     assert supports("q4_1", 48, 96) and supports("q8_1", 48, 96) and supports("q8_0", 48, 96)
     assert not supports("q4_1", 50, 96) and not supports("q8_0", 48, 100)
+    assert supports("q4_1p", 48, 96) and not supports("q4_1p", 40, 96)  # panels of 16 outputs
 
 
 def test_switched_off_means_no_kernels(monkeypatch) -> None:  # type: ignore[no-untyped-def]

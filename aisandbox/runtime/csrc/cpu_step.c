@@ -496,3 +496,93 @@ void q8_1_matmul(const uint8_t *qs, const float *d, const float *m, const float 
 void q8_0_matmul(const int8_t *qs, const float *d, const float *x, float *y, int64_t R, int64_t N, int64_t K) {
     block_matmul(Q8_0, (const uint8_t *)qs, d, NULL, x, y, R, N, K);
 }
+
+/* ---- Q4_1 in panels of 16 outputs, for several rows: y[R, N] = x[R, K] @ W[N, K]^T in float32 ----
+ *
+ * The same values as q4_1_matmul's blocks, laid out for a register-tiled float32 multiply: each thread unpacks
+ * a panel of 16 outputs into float32 once per call (w = d * q + m, exactly the weight's value up to one
+ * rounding), then every group of six rows takes it with broadcast activations and twelve accumulators (six rows
+ * x two vectors of eight outputs). Activations stay float32, so the result differs from float32 weights only by
+ * the order of the sums. Unpacking costs about one operation per weight per call, so this wins from a few rows
+ * (the load-time timing decides where).
+ *
+ * qp: [N/16, K, 8] bytes, byte j of (panel p, column k) = q[16p + j, k] | q[16p + 8 + j, k] << 4;
+ * dp, mp: [N/16, K/32, 16] float32 (scale and minimum of output 16p + j over columns 32b..32b+31).
+ * N % 16 == 0, K % 32 == 0.
+ */
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __attribute__((always_inline)) void panel_rows(const float *w, const float *x, float *y, int64_t K,
+                                                             int64_t N, int rows) {
+    __m256 c[6][2];
+    for (int i = 0; i < 6; i++) c[i][0] = c[i][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 w0 = _mm256_load_ps(w + k * 16), w1 = _mm256_load_ps(w + k * 16 + 8);
+        for (int i = 0; i < rows; i++) {
+            const __m256 b = _mm256_broadcast_ss(x + i * K + k);
+            c[i][0] = _mm256_fmadd_ps(w0, b, c[i][0]);
+            c[i][1] = _mm256_fmadd_ps(w1, b, c[i][1]);
+        }
+    }
+    for (int i = 0; i < rows; i++) {
+        _mm256_storeu_ps(y + i * N, c[i][0]);
+        _mm256_storeu_ps(y + i * N + 8, c[i][1]);
+    }
+}
+
+static void unpack_panel(const uint8_t *q, const float *dp, const float *mp, int64_t K, float *w) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    for (int64_t b = 0; b < K / 32; b++) {
+        const __m256 d0 = _mm256_loadu_ps(dp + b * 16), d1 = _mm256_loadu_ps(dp + b * 16 + 8);
+        const __m256 m0 = _mm256_loadu_ps(mp + b * 16), m1 = _mm256_loadu_ps(mp + b * 16 + 8);
+        for (int64_t k = b * 32; k < b * 32 + 32; k++) {
+            const __m128i raw = _mm_loadl_epi64((const __m128i *)(q + k * 8));
+            const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+            _mm256_store_ps(w + k * 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d0, m0));
+            _mm256_store_ps(w + k * 16 + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d1, m1));
+        }
+    }
+}
+#else
+static void unpack_panel(const uint8_t *q, const float *dp, const float *mp, int64_t K, float *w) {
+    for (int64_t k = 0; k < K; k++)
+        for (int j = 0; j < 16; j++) {
+            const uint8_t v = q[k * 8 + (j & 7)];
+            const int64_t at = (k / 32) * 16 + j;
+            w[k * 16 + j] = (float)(j < 8 ? v & 15 : v >> 4) * dp[at] + mp[at];
+        }
+}
+#endif
+
+void q4_1p_matmul(const uint8_t *qp, const float *dp, const float *mp, const float *x, float *y, int64_t R,
+                  int64_t N, int64_t K) {
+    const int64_t B = K / 32;
+#pragma omp parallel
+    {
+        float *w = aligned_alloc(64, sizeof(float) * (size_t)(K * 16));
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < N / 16; p++) {
+            unpack_panel(qp + p * K * 8, dp + p * B * 16, mp + p * B * 16, K, w);
+            float *yp = y + p * 16;
+#if defined(__AVX2__) && defined(__FMA__)
+            int64_t r = 0;
+            for (; r + 6 <= R; r += 6) panel_rows(w, x + r * K, yp + r * N, K, N, 6);
+            switch (R - r) {
+            case 1: panel_rows(w, x + r * K, yp + r * N, K, N, 1); break;
+            case 2: panel_rows(w, x + r * K, yp + r * N, K, N, 2); break;
+            case 3: panel_rows(w, x + r * K, yp + r * N, K, N, 3); break;
+            case 4: panel_rows(w, x + r * K, yp + r * N, K, N, 4); break;
+            case 5: panel_rows(w, x + r * K, yp + r * N, K, N, 5); break;
+            default: break;
+            }
+#else
+            for (int64_t r = 0; r < R; r++)
+                for (int j = 0; j < 16; j++) {
+                    float s = 0.f;
+                    for (int64_t k = 0; k < K; k++) s += w[k * 16 + j] * x[r * K + k];
+                    yp[r * N + j] = s;
+                }
+#endif
+        }
+        free(w);
+    }
+}
