@@ -3,6 +3,7 @@ without them, in the engine's situations (several rows, left padding, cached pre
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -215,3 +216,45 @@ def test_quantized_auto_turns_the_kernels_on_and_fp32_keeps_them_off(ck, tiny_ll
         assert fwd is not None and fwd.kernels is not None and "C kernels on" in line
         fwd, line = build_cpu_forward(copy.deepcopy(tiny_llama), "fp32")
         assert fwd is not None and fwd.kernels is None and "C kernels off (exact fp32)" in line
+
+
+def test_the_plain_c_build_matches_the_vector_one(ck, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A CPU without AVX2 and FMA gets the plain loops of the same source: build them here and compare."""
+    import ctypes
+    import subprocess
+
+    cc = cpu_kernels._compiler()
+    assert cc is not None
+    out = tmp_path / "plain.so"
+    flags = [*cpu_kernels.FLAGS, "-mno-avx2", "-mno-fma"]
+    subprocess.run([cc, *flags, "-o", str(out), str(cpu_kernels.SOURCE), "-lm"], check=True, timeout=120)
+    plain = cpu_kernels.CpuKernels(ctypes.CDLL(str(out)), out)
+    torch.manual_seed(0)
+    w = torch.randn(48, 96) * 0.05
+    q4 = quantize_q4(w)
+    with torch.inference_mode():
+        for fmt in ("q4_1", "q4_1p", "q8_1", "q8_0"):
+            native = make_linear(fmt, w, q4 if fmt != "q8_0" else None)
+            slow = copy.copy(native)
+            slow.fn = getattr(plain, native.fn.__name__)
+            for rows in (1, 5, 17):
+                x = torch.randn(rows, 96)
+                a, b = native(x), slow(x)
+                assert (a - b).abs().max() <= 1e-4 * a.abs().max(), (fmt, rows)
+    # Decode attention over heads of 64 (the vector path natively), three query heads a KV head.
+    hq, hk, d, rows, cols, cap = 6, 2, 64, 3, 37, 64
+    qkv, cos, sin = torch.randn(rows, 1, (hq + 2 * hk) * d), torch.randn(rows, 1, d), torch.randn(rows, 1, d)
+    start = torch.tensor([0, 4, 9])
+    outs = []
+    for lib in (ck, plain):
+        kb, vb = torch.ones(rows, hk, cap, d), torch.ones(rows, hk, cap, d)
+        g = torch.Generator().manual_seed(1)
+        kb[:, :, : cols - 1].normal_(generator=g)
+        vb[:, :, : cols - 1].normal_(generator=g)
+        qout, out = torch.empty(rows, 1, hq, d), torch.empty(rows, 1, hq * d)
+        lib.rope_store_attend(
+            qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), kb.data_ptr(), vb.data_ptr(), cap, 0, cols - 1,
+            start.data_ptr(), None, rows, 1, hq, hk, d, qout.data_ptr(), out.data_ptr(), d**-0.5,
+        )  # fmt: skip
+        outs.append(out)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4)

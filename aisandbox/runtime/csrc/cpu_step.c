@@ -316,8 +316,18 @@ static void quantize_rows(const float *x, int16_t *xq, float *dx, float *sx, int
             amax = a > amax ? a : amax;
         }
         float d = amax / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+        /* In each block, the order widen() unpacks the weights in: 0-7, 16-23, 8-15, 24-31. */
+        for (int64_t b = 0; b < B; b++)
+            for (int part = 0; part < 4; part++) {
+                const int64_t from = b * 32 + (part & 1) * 16 + (part >> 1) * 8, to = b * 32 + part * 8;
+#pragma omp simd
+                for (int j = 0; j < 8; j++) xq[r * K + to + j] = (int16_t)lrintf(v[from + j] * inv);
+            }
+#else
 #pragma omp simd
         for (int64_t j = 0; j < K; j++) xq[r * K + j] = (int16_t)lrintf(v[j] * inv);
+#endif
         dx[r] = d;
         for (int64_t b = 0; b < B; b++) {
             float sum = 0.f;
@@ -334,32 +344,30 @@ static void quantize_rows(const float *x, int16_t *xq, float *dx, float *sx, int
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-/* Block b of output row n, widened to int16: elements 0..15 in *w0, 16..31 in *w1. */
-static inline void widen(int kind, const uint8_t *qs, int64_t n, int64_t b, int64_t K, __m256i *w0, __m256i *w1) {
+/* Block b of output row n, widened to int16 with in-lane unpacks (a lane-crossing widen costs more): elements
+ * 0-7 and 16-23 in *w0, 8-15 and 24-31 in *w1, the order quantize_rows() puts the activations in. */
+static inline __attribute__((always_inline)) void widen(int kind, const uint8_t *qs, int64_t n, int64_t b, int64_t K,
+                                                        __m256i *w0, __m256i *w1) {
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i v;
     if (kind == Q4_1) {
-        __m128i raw = _mm_loadu_si128((const __m128i *)(qs + (n * (K / 32) + b) * 16));
-        const __m128i low4 = _mm_set1_epi8(0x0F);
-        *w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low4));
-        *w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low4));
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(qs + (n * (K / 32) + b) * 16));
+        v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
     } else {
-        const __m128i *p = (const __m128i *)(qs + n * K + b * 32);
-        if (kind == Q8_1) {
-            *w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(p));
-            *w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(p + 1));
-        } else {
-            *w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p));
-            *w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p + 1));
-        }
+        v = _mm256_loadu_si256((const __m256i *)(qs + n * K + b * 32));
     }
+    const __m256i high = kind == Q8_0 ? _mm256_cmpgt_epi8(zero, v) : zero; /* sign bytes for int8 */
+    *w0 = _mm256_unpacklo_epi8(v, high);
+    *w1 = _mm256_unpackhi_epi8(v, high);
 }
 
-static inline __m256 block_dot(__m256i w0, __m256i w1, const int16_t *x) {
+static inline __attribute__((always_inline)) __m256 block_dot(__m256i w0, __m256i w1, const int16_t *x) {
     __m256i x0 = _mm256_loadu_si256((const __m256i *)x), x1 = _mm256_loadu_si256((const __m256i *)(x + 16));
     return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1)));
 }
 
 /* Outputs n..n+3 for one row r. */
-static inline void tile_4x1(int kind, const uint8_t *qs, const float *d, const int16_t *xq, int64_t r, int64_t n,
+static inline __attribute__((always_inline)) void tile_4x1(int kind, const uint8_t *qs, const float *d, const int16_t *xq, int64_t r, int64_t n,
                             int64_t K, float out[4]) {
     const int64_t B = K / 32;
     const int16_t *xr = xq + r * K;
@@ -375,7 +383,7 @@ static inline void tile_4x1(int kind, const uint8_t *qs, const float *d, const i
 }
 
 /* Outputs n, n+1 for rows r..r+3. */
-static inline void tile_2x4(int kind, const uint8_t *qs, const float *d, const int16_t *xq, int64_t r, int64_t n,
+static inline __attribute__((always_inline)) void tile_2x4(int kind, const uint8_t *qs, const float *d, const int16_t *xq, int64_t r, int64_t n,
                             int64_t K, float out[2][4]) {
     const int64_t B = K / 32;
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
@@ -444,7 +452,10 @@ static void block_matmul(int kind, const uint8_t *qs, const float *d, const floa
 #pragma omp parallel for schedule(static)
         for (int64_t n = 0; n < N; n += 4) {
             float out[4];
-            tile_4x1(kind, qs, d, xq, 0, n, K, out);
+            /* one specialized copy per kind: a kind tested inside the block loop costs a third of the speed */
+            if (kind == Q4_1) tile_4x1(Q4_1, qs, d, xq, 0, n, K, out);
+            else if (kind == Q8_1) tile_4x1(Q8_1, qs, d, xq, 0, n, K, out);
+            else tile_4x1(Q8_0, qs, d, xq, 0, n, K, out);
             for (int j = 0; j < 4; j++) y[n + j] = dx[0] * out[j] + min_term(m, sx, 0, n + j, B);
         }
     } else {
@@ -456,7 +467,9 @@ static void block_matmul(int kind, const uint8_t *qs, const float *d, const floa
         for (int64_t n = 0; n < N; n += 2) {
             for (int64_t r = 0; r < Rp; r += 4) {
                 float out[2][4], mt[2][4];
-                tile_2x4(kind, qs, d, xq, r, n, K, out);
+                if (kind == Q4_1) tile_2x4(Q4_1, qs, d, xq, r, n, K, out);
+                else if (kind == Q8_1) tile_2x4(Q8_1, qs, d, xq, r, n, K, out);
+                else tile_2x4(Q8_0, qs, d, xq, r, n, K, out);
                 for (int j = 0; j < 2; j++) {
                     __m128 acc = _mm_setzero_ps();
                     if (m != NULL)
