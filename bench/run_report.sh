@@ -91,11 +91,13 @@ start=$(date +%s)
 
 if [[ $stages == *" http "* ]]; then
 echo "== 1/4 aisandbox serve (HTTP)" >&2
-"$python" -m aisandbox serve --host 127.0.0.1 --port "$port_ours" --log-level warning --weights-dtype "$weights" >"$results/aisandbox-serve.log" 2>&1 &
+"$python" -m aisandbox serve --host 127.0.0.1 --port "$port_ours" --log-level info --weights-dtype "$weights" >"$results/aisandbox-serve.log" 2>&1 &
 server_pid=$!
 run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_ours/v1" --model SmolLM2-135M-Instruct \
   "${workload[@]}" --label aisandbox-http --output "$results/aisandbox-http.json"
 stop_server
+# The weight formats this load chose (timed at start, so they can differ from run to run).
+grep -o "CPU flags .*" "$results/aisandbox-serve.log" | head -1 | sed 's/^/http server: /' >>"$results/run-info.txt" || true
 fi
 
 if [[ $stages == *" engine "* ]]; then
