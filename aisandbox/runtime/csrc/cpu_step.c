@@ -303,6 +303,9 @@ void rope_store_attend(const float *qkv, const float *cos, const float *sin, flo
  * once for four rows (rows are padded to a multiple of four with zeros).
  */
 enum { Q4_1 = 0, Q8_1 = 1, Q8_0 = 2 };
+#ifndef PREFETCH_TILES
+#define PREFETCH_TILES 2
+#endif
 
 /* x [R, K] -> xq int16 [Rp, K] (rows R..Rp-1 zero), dx [Rp] (row scale), sx [Rp, K/32] (block sums of x). */
 static void quantize_rows(const float *x, int16_t *xq, float *dx, float *sx, int64_t R, int64_t Rp, int64_t K) {
@@ -366,13 +369,25 @@ static inline __attribute__((always_inline)) __m256 block_dot(__m256i w0, __m256
     return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1)));
 }
 
+/* Ask for bytes [0, size) of p ahead of their use (prefetches never fault). */
+static inline void prefetch(const void *p, int64_t size) {
+    for (int64_t off = 0; off < size; off += 64) _mm_prefetch((const char *)p + off, _MM_HINT_T0);
+}
+
 /* Outputs n..n+3 for one row r. */
 static inline __attribute__((always_inline)) void tile_4x1(int kind, const uint8_t *qs, const float *d, const int16_t *xq, int64_t r, int64_t n,
                             int64_t K, float out[4]) {
     const int64_t B = K / 32;
     const int16_t *xr = xq + r * K;
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    /* One row reads each weight once, from memory: ask for the tile PREFETCH_TILES ahead while this one runs
+     * (the hardware prefetcher alone kept the 32 MB output layer at about 6 GB/s). */
+    const int64_t row_bytes = kind == Q4_1 ? K / 2 : K, tile_bytes = 4 * row_bytes;
+    const char *ahead = (const char *)qs + (n + 4 * PREFETCH_TILES) * row_bytes;
+    prefetch(d + (n + 4 * PREFETCH_TILES) * B, 4 * B * (int64_t)sizeof(float));
     for (int64_t b = 0; b < B; b++) {
+        for (int64_t off = b * tile_bytes / B / 64 * 64; off < (b + 1) * tile_bytes / B; off += 64)
+            _mm_prefetch(ahead + off, _MM_HINT_T0);
         for (int j = 0; j < 4; j++) {
             __m256i w0, w1;
             widen(kind, qs, n + j, b, K, &w0, &w1);
@@ -452,6 +467,7 @@ static void block_matmul(int kind, const uint8_t *qs, const float *d, const floa
 #pragma omp parallel for schedule(static)
         for (int64_t n = 0; n < N; n += 4) {
             float out[4];
+            if (m != NULL) prefetch(m + (n + 4 * PREFETCH_TILES) * B, 4 * B * (int64_t)sizeof(float));
             /* one specialized copy per kind: a kind tested inside the block loop costs a third of the speed */
             if (kind == Q4_1) tile_4x1(Q4_1, qs, d, xq, 0, n, K, out);
             else if (kind == Q8_1) tile_4x1(Q8_1, qs, d, xq, 0, n, K, out);
@@ -465,6 +481,11 @@ static void block_matmul(int kind, const uint8_t *qs, const float *d, const floa
             for (int64_t b = 0; b < B; b++) st[b * Rp + r] = sx[r * B + b];
 #pragma omp parallel for schedule(static)
         for (int64_t n = 0; n < N; n += 2) {
+            /* the pair 4 * PREFETCH_TILES outputs ahead, as tile_4x1 does for one row */
+            const int64_t ahead = n + 4 * PREFETCH_TILES, row_bytes = kind == Q4_1 ? K / 2 : K;
+            prefetch(qs + ahead * row_bytes, 2 * row_bytes);
+            prefetch(d + ahead * B, 2 * B * (int64_t)sizeof(float));
+            if (m != NULL) prefetch(m + ahead * B, 2 * B * (int64_t)sizeof(float));
             for (int64_t r = 0; r < Rp; r += 4) {
                 float out[2][4], mt[2][4];
                 if (kind == Q4_1) tile_2x4(Q4_1, qs, d, xq, r, n, K, out);
