@@ -27,30 +27,22 @@ def ck() -> cpu_kernels.CpuKernels:
     return kernels
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17])
-def test_q4_1_matches_its_dequantized_weight_in_float32(ck, rows: int) -> None:  # type: ignore[no-untyped-def]
+# q4_1: int16 activations per row (error about 1e-4); q4_1p: the same values unpacked to float32 in panels of 16
+# outputs, float32 activations (error at float32 rounding), over every group of six rows and the rest.
+@pytest.mark.parametrize(
+    ("fmt", "rows", "tol"),
+    [("q4_1", r, 1e-3) for r in (1, 3, 4, 5, 17)] + [("q4_1p", r, 1e-5) for r in (1, 5, 6, 7, 16)],
+)
+def test_q4_1_formats_match_the_dequantized_weight_in_float32(ck, fmt: str, rows: int, tol: float) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(rows)
     w = torch.randn(48, 96) * 0.05
     q4 = quantize_q4(w)
     x = torch.randn(rows, 96) * 3
     x[0, 5] = 40.0  # an outlier in one block: int16 activations keep the block's small values
     with torch.inference_mode():
-        y = make_linear("q4_1", w, q4)(x)
+        y = make_linear(fmt, w, q4)(x)
     ref = x @ q4.dequantize().T
-    assert (y - ref).abs().max() <= 1e-3 * ref.abs().max()
-
-
-@pytest.mark.parametrize("rows", [1, 5, 6, 7, 16])
-def test_q4_1_panels_match_the_dequantized_weight_to_float32_rounding(ck, rows: int) -> None:  # type: ignore[no-untyped-def]
-    """q4_1p: the same values unpacked to float32 in panels of 16 outputs; every group of six rows and the rest."""
-    torch.manual_seed(rows)
-    w = torch.randn(48, 96) * 0.05
-    q4 = quantize_q4(w)
-    x = torch.randn(rows, 96) * 3
-    with torch.inference_mode():
-        y = make_linear("q4_1p", w, q4)(x)
-    ref = x @ q4.dequantize().T
-    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (y - ref).abs().max() <= tol * ref.abs().max()
 
 
 @pytest.mark.parametrize("rows", [1, 6])
