@@ -33,7 +33,7 @@ COPY aisandbox ./aisandbox
 # --no-deps: pyproject's dependencies name the CPU/dev stack (transformers 5, ...); here the image's own
 # torch/transformers serve. Editable, so the GPU profiles in ./configs/gpu are found next to the package.
 RUN python3 -m pip install --no-deps -e . \
- && python3 -c "import aisandbox.build_engine.cli, aisandbox.runtime.trtllm_backend, aisandbox.http.asgi" \
+ && python3 -c "import aisandbox.build_engine.cli, aisandbox.runtime.trtllm.backend, aisandbox.http.asgi" \
  && python3 -c "import importlib.metadata as m; print('tensorrt_llm', m.version('tensorrt_llm'))"
 
 # Single-GPU engine: one gunicorn worker per visible GPU, each loading its own engine. Tensor-parallel engine (built

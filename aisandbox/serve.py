@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     extra: dict[str, Any] = {}
     if settings.backend == "trtllm":
-        from aisandbox.runtime.trtllm_backend import check_engine_dir
+        from aisandbox.runtime.trtllm.backend import check_engine_dir
 
         # NVML (our GPU checks, gunicorn's pinning) numbers GPUs in PCI order; make CUDA agree.
         os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"aisandbox serve: cannot serve {settings.engine_dir}: {problem}", file=sys.stderr)
             return 2
     elif settings.model is None:
-        from aisandbox.runtime.loader import resolve_model_path
+        from aisandbox.runtime.torch.default_model import resolve_model_path
 
         try:
             extra["model"] = resolve_model_path(None, settings.cache_dir)
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Convert the default model into the cache and print its folder."""
-    from aisandbox.runtime.default_model import prepare_default_model
+    from aisandbox.runtime.torch.default_model import prepare_default_model
 
     settings = ServerSettings(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
     print(prepare_default_model(settings.cache_dir))

@@ -18,7 +18,7 @@ rounds=${ROUNDS:-2}
 mkdir -p "$results"
 [ $# -ge 1 ] || { echo "usage: $0 LABEL=TREE[:KEY=VALUE,...] ..." >&2; exit 2; }
 model_dir=$("$python" -c "
-from aisandbox.runtime.default_model import prepare_default_model
+from aisandbox.runtime.torch.default_model import prepare_default_model
 from aisandbox.settings import ServerSettings
 print(prepare_default_model(ServerSettings().cache_dir))")
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs); $(nproc) cores; load $(cut -d' ' -f1-3 /proc/loadavg)"

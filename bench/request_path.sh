@@ -49,7 +49,7 @@ serve "$root"
 
 echo "## Output tokens/s at 1 and 16 streams over HTTP (32 prompts of 128 tokens, 64 out, greedy)"
 model_dir=$("$python" -c "
-from aisandbox.runtime.default_model import prepare_default_model
+from aisandbox.runtime.torch.default_model import prepare_default_model
 from aisandbox.settings import ServerSettings
 print(prepare_default_model(ServerSettings().cache_dir))")
 "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port/v1" --concurrency 1,16 --num-prompts 32 \

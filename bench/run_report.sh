@@ -37,7 +37,7 @@ stages=" ${STAGES:-http engine peer vllm} "
 mkdir -p "$results" "$plots"
 
 model_dir=$("$python" -c "
-from aisandbox.runtime.default_model import prepare_default_model
+from aisandbox.runtime.torch.default_model import prepare_default_model
 from aisandbox.settings import ServerSettings
 print(prepare_default_model(ServerSettings().cache_dir))")
 
@@ -148,7 +148,7 @@ fi
 if [[ $stages == *" llamacpp "* ]]; then
 llamacpp_python=${LLAMACPP_PYTHON:-}
 if [ -n "$llamacpp_python" ] && "$llamacpp_python" -c "import llama_cpp.server" 2>/dev/null; then
-gguf=$("$python" -c "from aisandbox.runtime.default_model import find_default_gguf; print(find_default_gguf())")
+gguf=$("$python" -c "from aisandbox.runtime.torch.default_model import find_default_gguf; print(find_default_gguf())")
 echo "== 5 llama.cpp server (llama-cpp-python, $gguf, $(nproc) threads)" >&2
 "$llamacpp_python" -m llama_cpp.server --model "$gguf" --model_alias smollm2 --n_threads "$(nproc)" \
   --n_ctx 2048 --host 127.0.0.1 --port "$port_vllm" >"$results/llamacpp.log" 2>&1 &

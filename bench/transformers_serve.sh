@@ -14,7 +14,7 @@ python=${PYTHON:-$here/../.venv/bin/python}
 [ -x "$python" ] || python=python3
 port=${1:-8001}
 model=${2:-$("$python" - <<'PY'
-from aisandbox.runtime.default_model import prepare_default_model
+from aisandbox.runtime.torch.default_model import prepare_default_model
 from aisandbox.settings import ServerSettings
 
 print(prepare_default_model(ServerSettings().cache_dir))

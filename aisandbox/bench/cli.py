@@ -287,7 +287,7 @@ async def _http_client(args: argparse.Namespace, options: GenerationOptions, poo
 
 
 async def _local_client(args: argparse.Namespace, options: GenerationOptions) -> RequestClient:
-    from aisandbox.local_engine_client import LocalEngineClient, parse_settings
+    from aisandbox.bench.local_engine import LocalEngineClient, parse_settings
 
     settings = parse_settings(args.engine_setting)
     _notice("loading the local engine")

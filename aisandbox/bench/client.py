@@ -2,7 +2,7 @@
 
 The runner times a request through `RequestClient.stream`, which yields one `StreamEvent` per received chunk,
 stamped on arrival with `time.perf_counter()`. `HttpClient` speaks the OpenAI streaming API over a pooled
-async connection; `aisandbox.local_engine_client.LocalEngineClient` drives the runtime's engine in process
+async connection; `aisandbox.bench.local_engine.LocalEngineClient` drives the runtime's engine in process
 through the same protocol, so that the two can be compared in one run.
 """
 

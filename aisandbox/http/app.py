@@ -39,10 +39,11 @@ from aisandbox.http.errors import (
 from aisandbox.http.generation import ClientDisconnected, DisconnectSignal, Generation
 from aisandbox.http.metrics import Metrics
 from aisandbox.runtime.engine import Engine
-from aisandbox.runtime.logprobs import ShownLogprob
-from aisandbox.runtime.tool_calling import ToolPlan, plan_tools
-from aisandbox.runtime.tools import ToolCall
-from aisandbox.runtime.types import GenerationRequest, GrammarSpec, SamplingParams, TextDelta
+from aisandbox.runtime.request import GenerationRequest, SamplingParams
+from aisandbox.runtime.structured.logprobs import ShownLogprob
+from aisandbox.runtime.structured.tools.plan import ToolPlan, plan_tools
+from aisandbox.runtime.structured.tools.specs import ToolCall
+from aisandbox.runtime.types import GrammarSpec, TextDelta
 from aisandbox.settings import ServerSettings
 
 __all__ = ["DISCONNECT_KEY", "create_app"]

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 
 from aisandbox.runtime.engine import Engine, RequestStream
-from aisandbox.runtime.types import GenerationRequest, TextDelta
+from aisandbox.runtime.request import GenerationRequest
+from aisandbox.runtime.types import TextDelta
 
 __all__ = ["ClientDisconnected", "DisconnectSignal", "Generation"]
 

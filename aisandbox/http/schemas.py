@@ -8,7 +8,7 @@ and the tests validate them against it.
 
 Function calling: `tools`, `tool_choice` and `parallel_tool_calls` are validated here and converted by
 `ChatCompletionRequest.tool_request()` (plus `conversation(with_tools=True)` for the messages) into the
-runtime's `aisandbox.runtime.tools` types. The legacy `functions` / `function_call` fields stay refused
+runtime's `aisandbox.runtime.structured.tools.specs` types. The legacy `functions` / `function_call` fields stay refused
 (`unsupported_parameter`): they would need the legacy `message.function_call` response shape too, and every
 current client sends `tools`.
 """
@@ -24,10 +24,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from aisandbox.errors import InvalidRequest, UnsupportedParameter
-from aisandbox.runtime.logprobs import ShownLogprob
-from aisandbox.runtime.tool_parsers import ContentEvent, ToolCallArguments, ToolCallStart, ToolEvent
-from aisandbox.runtime.tools import ToolCall, ToolChoice, ToolRequest, ToolSpec
-from aisandbox.runtime.types import GrammarSpec, SamplingParams
+from aisandbox.runtime.request import SamplingParams
+from aisandbox.runtime.structured.logprobs import ShownLogprob
+from aisandbox.runtime.structured.tools.parsers import ContentEvent, ToolCallArguments, ToolCallStart, ToolEvent
+from aisandbox.runtime.structured.tools.specs import ToolCall, ToolChoice, ToolRequest, ToolSpec
+from aisandbox.runtime.types import GrammarSpec
 
 __all__ = [
     "ChatCompletionRequest",

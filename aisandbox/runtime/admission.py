@@ -38,21 +38,12 @@ from aisandbox.errors import (
 )
 from aisandbox.runtime.collector import Submission
 from aisandbox.runtime.engine import Backend
-from aisandbox.runtime.logprobs import LogprobFormatter
-from aisandbox.runtime.textgen import TextState, check_context
-from aisandbox.runtime.tokenizer import ChatMessage, Tokenizer
-from aisandbox.runtime.tools import ToolRequest
-from aisandbox.runtime.types import (
-    EngineState,
-    EngineStats,
-    FinishReason,
-    GenerationRequest,
-    Health,
-    ModelInfo,
-    SamplingParams,
-    TextDelta,
-    TokenDelta,
-)
+from aisandbox.runtime.request import GenerationRequest, SamplingParams
+from aisandbox.runtime.structured.logprobs import LogprobFormatter
+from aisandbox.runtime.structured.tools.specs import ToolRequest
+from aisandbox.runtime.text.textgen import TextState, check_context
+from aisandbox.runtime.text.tokenizer import ChatMessage, Tokenizer
+from aisandbox.runtime.types import EngineState, EngineStats, FinishReason, Health, ModelInfo, TextDelta, TokenDelta
 
 __all__ = ["Admission", "AdmissionLimits"]
 
@@ -266,7 +257,7 @@ class Admission:
         if sampling.logprobs or sampling.prompt_logprobs is not None:
             await self._off_loop(self._logprob_formatter)
         if sampling.guided is not None and sampling.grammar is None:
-            from aisandbox.runtime.guided import compile_grammar
+            from aisandbox.runtime.structured.grammar import compile_grammar
 
             info = self._check_state()
             grammar = await self._off_loop(compile_grammar, sampling.guided, self.tokenizer, info)

@@ -12,19 +12,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol, runtime_checkable
 
-from aisandbox.runtime.tokenizer import ChatMessage, Tokenizer
-from aisandbox.runtime.tools import ToolRequest
-from aisandbox.runtime.types import (
-    EngineStats,
-    GenerationRequest,
-    Health,
-    ModelInfo,
-    SamplingParams,
-    TextDelta,
-    TokenDelta,
-)
+from aisandbox.runtime.request import GenerationRequest, SamplingParams
+from aisandbox.runtime.structured.tools.specs import ToolRequest
+from aisandbox.runtime.text.tokenizer import ChatMessage, Tokenizer
+from aisandbox.runtime.types import EngineStats, Health, ModelInfo, TextDelta, TokenDelta
 
-__all__ = ["Backend", "BackendHost", "Engine", "RequestStream"]
+__all__ = ["Backend", "BackendHost", "Engine", "RequestStream", "stream_text"]
 
 
 @runtime_checkable
@@ -120,3 +113,16 @@ class Backend(Protocol):
 
     async def shutdown(self) -> None:
         """Stop the executor and free its memory; live requests are ended by the admission layer."""
+
+
+async def stream_text(engine: Engine, request: GenerationRequest) -> AsyncIterator[TextDelta]:
+    """Submit one request and yield its text as it is generated; the last delta carries the finish reason.
+
+    Leaving the iteration early aborts the engine request at once.
+    """
+    stream = engine.submit([request])
+    try:
+        async for _, delta in stream:
+            yield delta
+    finally:
+        await stream.aclose()

@@ -3,29 +3,30 @@
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from aisandbox.runtime.guided import CompiledGrammar
-    from aisandbox.runtime.logprobs import ShownLogprob
-    from aisandbox.runtime.tool_calling import ToolPlan
-    from aisandbox.runtime.tool_parsers import ToolEvent
-    from aisandbox.runtime.tools import ToolCall
+from typing import Any, Literal, Protocol
 
 __all__ = [
+    "ContentEvent",
     "EngineState",
     "EngineStats",
     "FinishReason",
-    "GenerationRequest",
     "GrammarKind",
     "GrammarSpec",
     "Health",
     "ModelInfo",
-    "SamplingParams",
+    "ShownLogprob",
+    "ShownToken",
     "TextDelta",
     "TokenDelta",
     "TokenLogprob",
+    "TokenVocab",
+    "ToolCall",
+    "ToolCallArguments",
+    "ToolCallStart",
+    "ToolEvent",
+    "VocabSource",
 ]
 
 
@@ -57,65 +58,10 @@ class GrammarSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """How to pick tokens for one sequence. Validated by the caller (the HTTP schemas)."""
-
-    max_tokens: int
-    """Most tokens to generate; always set (the HTTP layer defaults it to the rest of the context)."""
-    temperature: float = 1.0
-    """0 means greedy."""
-    top_p: float = 1.0
-    top_k: int = 0
-    """0 disables top-k."""
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    """Stop strings: matched on text by the shared text layer, never by a backend."""
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    """EOS, stop tokens and stop strings are ignored until this many tokens exist."""
-    frequency_penalty: float = 0.0
-    """OpenAI's: logits -= frequency_penalty * count, over the generated tokens only (-2..2)."""
-    presence_penalty: float = 0.0
-    """OpenAI's: logits -= presence_penalty * (count > 0), over the generated tokens only (-2..2)."""
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    """(token id, bias -100..100) added to that token's logit; ids checked against the vocab by the caller."""
-    logprobs: bool = False
-    """Return the chosen token's logprob (from the raw model distribution) with every token."""
-    top_logprobs: int = 0
-    """With logprobs: also the most likely tokens of each step, 0..20."""
-    prompt_logprobs: int | None = None
-    """Completions `echo` with `logprobs`: logprobs of the prompt tokens, with this many alternatives each."""
-    guided: GrammarSpec | None = None
-    """The grammar the output must follow, as the client asked for it (response_format and extensions)."""
-    grammar: CompiledGrammar | None = None
-    """`guided`, compiled for this model's tokenizer (aisandbox.runtime.guided.compile_grammar) before submit:
-    the engine thread never compiles. A backend that guides itself (trtllm) uses `guided` instead."""
-
-    @property
-    def greedy(self) -> bool:
-        """Whether sampling reduces to argmax."""
-        return self.temperature == 0.0 or self.top_k == 1
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationRequest:
-    """One sequence to generate: a tokenized prompt and how to sample it."""
-
-    request_id: str
-    prompt_token_ids: tuple[int, ...]
-    sampling: SamplingParams
-    tools: ToolPlan | None = None
-    """Function calling for this sequence: the text layer parses calls out of its output."""
-
-
-@dataclass(frozen=True, slots=True)
 class TokenLogprob:
     """The logprob of one token a sequence took, with the most likely alternatives at that step.
 
-    Token ids only: `aisandbox.runtime.logprobs.LogprobFormatter` turns them into OpenAI's token strings.
+    Token ids only: `aisandbox.runtime.structured.logprobs.LogprobFormatter` turns them into OpenAI's token strings.
     """
 
     token_id: int
@@ -239,3 +185,93 @@ class ModelInfo:
     default_max_tokens: int | None = None
     """max_tokens for a request that omits it, capped at the rest of the context (None: the rest of the context).
     The trtllm backend sets it from the engine profile: its scheduler reserves KV for prompt + max_tokens."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenVocab:
+    """What every token id stands for as bytes: for grammars (xgrammar's RAW vocabulary) and logprobs.
+
+    `pieces[i]` is the text token i adds, as UTF-8 bytes, with the tokenizer's encodings undone: byte-level
+    BPE's byte-to-unicode map, SentencePiece's "\u2581" for a space and its <0xNN> byte-fallback tokens. A
+    piece may be part of a UTF-8 character. Special (control) tokens hold their written name, such as
+    b"</s>", but never appear in text: `special` lists them.
+    """
+
+    pieces: tuple[bytes, ...]
+    special: frozenset[int]
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+
+class VocabSource(Protocol):
+    """Anything that can say what each token id stands for (the tokenizers of `runtime.text`)."""
+
+    def vocab_for_grammar(self) -> TokenVocab:
+        """Every token id's bytes and the special ids."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One call: made by the model (parsed from its output) or sent back by the client in the history."""
+
+    id: str
+    name: str
+    arguments_json: str
+    """The arguments as a JSON text, exactly as OpenAI's `function.arguments` carries them."""
+
+    def arguments(self) -> Any:
+        """The arguments parsed, or the raw text when it is not JSON (templates that want a dict get one)."""
+        try:
+            return json.loads(self.arguments_json)
+        except ValueError:
+            return self.arguments_json
+
+
+@dataclass(frozen=True, slots=True)
+class ContentEvent:
+    """Text for `message.content` / `delta.content`."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallStart:
+    """A new call: the first streamed delta of call `index`."""
+
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallArguments:
+    """The next piece of call `index`'s arguments JSON."""
+
+    index: int
+    fragment: str
+
+
+ToolEvent = ContentEvent | ToolCallStart | ToolCallArguments
+
+
+@dataclass(frozen=True, slots=True)
+class ShownToken:
+    """One token as OpenAI's logprobs show it."""
+
+    token: str
+    logprob: float | None
+    """None only for the first prompt token of an echo (nothing predicts it)."""
+    bytes: list[int]
+    token_id: int
+    special: bool = False
+    """A control token (BOS, EOS, ...): never part of the shown text."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShownLogprob:
+    """The chosen token of one step and its alternatives (most likely first)."""
+
+    chosen: ShownToken
+    top: tuple[ShownToken, ...]

@@ -131,7 +131,7 @@ def test_frequency_penalty_changes_a_repetitive_output(client: openai.OpenAI, se
 
 
 def _model_dir() -> str:
-    from aisandbox.runtime.default_model import prepare_default_model
+    from aisandbox.runtime.torch.default_model import prepare_default_model
     from aisandbox.settings import ServerSettings
 
     return str(prepare_default_model(ServerSettings().cache_dir))

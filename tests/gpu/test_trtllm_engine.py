@@ -75,7 +75,7 @@ def engine_dir(trtllm: object, tiny_checkpoint: Path, tmp_path_factory: pytest.T
 
 
 def test_the_built_engine_matches_this_machine(engine_dir: Path) -> None:
-    from aisandbox.runtime.trtllm_backend import check_engine_dir
+    from aisandbox.runtime.trtllm.backend import check_engine_dir
 
     manifest = check_engine_dir(engine_dir, require_gpu=True)
     assert manifest.profile.max_seq_len == 1024
@@ -84,8 +84,9 @@ def test_the_built_engine_matches_this_machine(engine_dir: Path) -> None:
 
 def test_generate_stream_and_abort(engine_dir: Path) -> None:
     from aisandbox.runtime.admission import Admission
-    from aisandbox.runtime.trtllm_backend import TrtllmBackend, TrtllmEngineConfig
-    from aisandbox.runtime.types import FinishReason, GenerationRequest, SamplingParams
+    from aisandbox.runtime.request import GenerationRequest, SamplingParams
+    from aisandbox.runtime.trtllm.backend import TrtllmBackend, TrtllmEngineConfig
+    from aisandbox.runtime.types import FinishReason
 
     async def main() -> None:
         engine = Admission(TrtllmBackend(TrtllmEngineConfig(engine_dir)))
@@ -125,8 +126,9 @@ def test_the_manifest_records_the_gpu_cuda_built_on(engine_dir: Path) -> None:
 def test_a_killed_executor_worker_makes_the_engine_dead(engine_dir: Path) -> None:
     """Kill the MPI worker processes under a running stream: the watch task must end it and report DEAD."""
     psutil = pytest.importorskip("psutil")
-    from aisandbox.runtime.trtllm_backend import TrtllmEngine, TrtllmEngineConfig
-    from aisandbox.runtime.types import EngineState, FinishReason, GenerationRequest, SamplingParams
+    from aisandbox.runtime.request import GenerationRequest, SamplingParams
+    from aisandbox.runtime.trtllm.backend import TrtllmEngine, TrtllmEngineConfig
+    from aisandbox.runtime.types import EngineState, FinishReason
 
     async def main() -> None:
         engine = TrtllmEngine(TrtllmEngineConfig(engine_dir, health_interval_s=1.0, stall_timeout_s=30.0))
@@ -156,8 +158,9 @@ def test_tp2_engine_builds_and_streams(trtllm: object, tiny_checkpoint: Path, tm
     if len(probe_devices()) < 2:
         pytest.skip("tensor parallelism needs two GPUs")
     from aisandbox.build_engine.pipeline import BuildRequest, run_build
-    from aisandbox.runtime.trtllm_backend import TrtllmEngine, TrtllmEngineConfig
-    from aisandbox.runtime.types import FinishReason, GenerationRequest, SamplingParams
+    from aisandbox.runtime.request import GenerationRequest, SamplingParams
+    from aisandbox.runtime.trtllm.backend import TrtllmEngine, TrtllmEngineConfig
+    from aisandbox.runtime.types import FinishReason
 
     out = tmp_path / "tiny-tp2"
     overrides = {"weights": "bf16", "kv_cache": "bf16", "tp_size": 2, "max_batch_size": 8, "max_num_tokens": 1024}
@@ -181,8 +184,9 @@ def test_tp2_engine_builds_and_streams(trtllm: object, tiny_checkpoint: Path, tm
 
 
 def test_a_negative_seed_samples_without_error(engine_dir: Path) -> None:
-    from aisandbox.runtime.trtllm_backend import TrtllmEngine, TrtllmEngineConfig
-    from aisandbox.runtime.types import FinishReason, GenerationRequest, SamplingParams
+    from aisandbox.runtime.request import GenerationRequest, SamplingParams
+    from aisandbox.runtime.trtllm.backend import TrtllmEngine, TrtllmEngineConfig
+    from aisandbox.runtime.types import FinishReason
 
     async def main() -> None:
         engine = TrtllmEngine(TrtllmEngineConfig(engine_dir))

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.gpu
 
 def test_logit_bias_penalties_and_refused_logprobs(engine_dir: Path) -> None:  # noqa: F811
     from aisandbox.errors import InvalidRequest
-    from aisandbox.runtime.trtllm_backend import TrtllmEngine, TrtllmEngineConfig
-    from aisandbox.runtime.types import GenerationRequest, SamplingParams
+    from aisandbox.runtime.request import GenerationRequest, SamplingParams
+    from aisandbox.runtime.trtllm.backend import TrtllmEngine, TrtllmEngineConfig
 
     async def tokens(engine: TrtllmEngine, rid: str, prompt: tuple[int, ...], sp: SamplingParams) -> list[int]:
         return [t async for d in engine.submit(GenerationRequest(rid, prompt, sp)) for t in d.token_ids]

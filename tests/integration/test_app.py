@@ -102,7 +102,7 @@ async def test_chat_non_stream(client: ASGIConductor, openapi_validate: Validate
 
 
 async def test_usage_counts_the_chat_template(client: ASGIConductor, tiny_mistral_dir: Path) -> None:
-    from aisandbox.runtime.tokenizer import load_tokenizer
+    from aisandbox.runtime.text.tokenizer import load_tokenizer
 
     expected = len(load_tokenizer(tiny_mistral_dir).encode_chat([{"role": "user", "content": "Hello"}]))
     body = (await post(client, "/v1/chat/completions", json=chat(temperature=0))).json

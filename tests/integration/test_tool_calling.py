@@ -19,10 +19,10 @@ import jsonschema
 import pytest
 
 from aisandbox.http.schemas import ChatCompletionRequest, chat_chunk, chat_deltas, chat_response, usage
-from aisandbox.runtime.detokenizer import IncrementalDetokenizer
-from aisandbox.runtime.tokenizer import HFTokenizer, MistralCommonTokenizer, Tokenizer, load_tokenizer
-from aisandbox.runtime.tool_calling import ToolTextEnd, plan_tools
-from aisandbox.runtime.tool_parsers import ToolEvent
+from aisandbox.runtime.structured.tools.parsers import ToolEvent
+from aisandbox.runtime.structured.tools.plan import ToolTextEnd, plan_tools
+from aisandbox.runtime.text.detokenizer import IncrementalDetokenizer
+from aisandbox.runtime.text.tokenizer import HFTokenizer, MistralCommonTokenizer, Tokenizer, load_tokenizer
 from aisandbox.runtime.types import FinishReason
 
 xgr = pytest.importorskip("xgrammar")

@@ -16,8 +16,9 @@ from falcon.testing import ASGIConductor
 from aisandbox.http.app import create_app
 from aisandbox.runtime.admission import Admission
 from aisandbox.runtime.engine import BackendHost
-from aisandbox.runtime.tokenizer import load_tokenizer
-from aisandbox.runtime.types import EngineStats, FinishReason, GenerationRequest, ModelInfo, TokenDelta
+from aisandbox.runtime.request import GenerationRequest
+from aisandbox.runtime.text.tokenizer import load_tokenizer
+from aisandbox.runtime.types import EngineStats, FinishReason, ModelInfo, TokenDelta
 from aisandbox.settings import ServerSettings
 from tests.integration.test_app import post, sse_events
 

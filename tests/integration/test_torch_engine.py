@@ -14,9 +14,10 @@ import torch
 
 from aisandbox.errors import EngineDead, EngineNotReady, Overloaded
 from aisandbox.runtime.admission import Admission, AdmissionLimits
-from aisandbox.runtime.textgen import stream_text
-from aisandbox.runtime.torch_backend import TorchBackend, TorchEngineConfig
-from aisandbox.runtime.types import EngineState, FinishReason, GenerationRequest, SamplingParams, TokenDelta
+from aisandbox.runtime.engine import stream_text
+from aisandbox.runtime.request import GenerationRequest, SamplingParams
+from aisandbox.runtime.torch.backend import TorchBackend, TorchEngineConfig
+from aisandbox.runtime.types import EngineState, FinishReason, TokenDelta
 
 
 class Tapped(Admission):
@@ -61,7 +62,7 @@ async def engine(tiny_mistral_dir: Path) -> AsyncIterator[Tapped]:
 @pytest.fixture(params=["pytorch ops", "C kernels"])
 async def engine_both(request, tiny_mistral_dir: Path, monkeypatch) -> AsyncIterator[Tapped]:  # type: ignore[no-untyped-def]
     """The engine with the lean forward's PyTorch ops, and with the C kernels between its multiplies."""
-    from aisandbox.runtime import cpu_kernels
+    from aisandbox.runtime.torch import cpu_kernels
 
     if request.param == "C kernels":
         monkeypatch.setenv("AISANDBOX_CPU_KERNELS", "always")

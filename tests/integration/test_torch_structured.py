@@ -14,15 +14,10 @@ import pytest
 import torch
 
 from aisandbox.errors import EngineError
-from aisandbox.runtime.guided import compile_grammar
-from aisandbox.runtime.textgen import stream_text
-from aisandbox.runtime.types import (
-    EngineState,
-    GenerationRequest,
-    GrammarSpec,
-    SamplingParams,
-    TokenDelta,
-)
+from aisandbox.runtime.engine import stream_text
+from aisandbox.runtime.request import GenerationRequest, SamplingParams
+from aisandbox.runtime.structured.grammar import compile_grammar
+from aisandbox.runtime.types import EngineState, GrammarSpec, TokenDelta
 from tests.integration.test_torch_engine import Tapped, make_engine
 
 SCHEMA = {

@@ -10,17 +10,10 @@ import pytest
 
 from aisandbox.errors import ContextLengthExceeded, EngineDead, EngineError, EngineNotReady, InvalidRequest, Overloaded
 from aisandbox.runtime.admission import Admission, AdmissionLimits
-from aisandbox.runtime.engine import BackendHost
-from aisandbox.runtime.textgen import check_context, stream_text
-from aisandbox.runtime.types import (
-    EngineState,
-    EngineStats,
-    FinishReason,
-    GenerationRequest,
-    ModelInfo,
-    SamplingParams,
-    TokenDelta,
-)
+from aisandbox.runtime.engine import BackendHost, stream_text
+from aisandbox.runtime.request import GenerationRequest, SamplingParams
+from aisandbox.runtime.text.textgen import check_context
+from aisandbox.runtime.types import EngineState, EngineStats, FinishReason, ModelInfo, TokenDelta
 
 EOS = 0
 

@@ -1,5 +1,5 @@
-"""The benchmark scripts under bench/ import against the current package (one of them once broke silently when
-the engine classes were renamed), and the shell ones parse."""
+"""The benchmark scripts under bench/ and the micro-benchmarks under aisandbox/bench/micro/ import against the
+current package (one of them once broke silently when the engine classes were renamed), and the shell ones parse."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
+MICRO = ROOT / "aisandbox" / "bench" / "micro"
 
 
-@pytest.mark.parametrize("script", sorted(BENCH.glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("script", sorted([*BENCH.glob("*.py"), *MICRO.glob("[!_]*.py")]), ids=lambda p: p.name)
 def test_python_bench_scripts_import(script: Path) -> None:
     spec = importlib.util.spec_from_file_location(f"bench_{script.stem}", script)
     assert spec is not None and spec.loader is not None

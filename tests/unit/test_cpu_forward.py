@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from aisandbox.runtime.cpu_forward import CpuForward, build_cpu_forward, lean_unsupported, swap_linears
-from aisandbox.runtime.cpu_weights import FormatChoice
-from aisandbox.runtime.torch_backend import _SlotKV
+from aisandbox.runtime.torch.backend import _SlotKV
+from aisandbox.runtime.torch.cpu_forward import CpuForward, build_cpu_forward, lean_unsupported, swap_linears
+from aisandbox.runtime.torch.cpu_weights import FormatChoice
 from tests.conftest import build_tiny_llama
 
 

@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
-from aisandbox.runtime import cpu_forward, cpu_kernels
-from aisandbox.runtime.cpu_forward import CpuForward, build_cpu_forward
-from aisandbox.runtime.cpu_weights import FormatChoice, make_linear, quantize_q4, supports
-from aisandbox.runtime.torch_backend import _SlotKV
+from aisandbox.runtime.torch import cpu_forward, cpu_kernels
+from aisandbox.runtime.torch.backend import _SlotKV
+from aisandbox.runtime.torch.cpu_forward import CpuForward, build_cpu_forward
+from aisandbox.runtime.torch.cpu_weights import FormatChoice, make_linear, quantize_q4, supports
 from tests.conftest import build_tiny_llama
 
 

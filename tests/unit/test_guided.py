@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from aisandbox.errors import InvalidRequest
-from aisandbox.runtime.guided import GrammarCompiler, compile_grammar, mask_logits
-from aisandbox.runtime.sampling import Sampler
-from aisandbox.runtime.tokenizer import MistralCommonTokenizer
-from aisandbox.runtime.types import GrammarSpec, ModelInfo, SamplingParams
+from aisandbox.runtime.request import SamplingParams
+from aisandbox.runtime.structured.grammar import GrammarCompiler, compile_grammar, mask_logits
+from aisandbox.runtime.text.tokenizer import MistralCommonTokenizer
+from aisandbox.runtime.torch.sampling import Sampler
+from aisandbox.runtime.types import GrammarSpec, ModelInfo
 from tests.conftest import mistral_v3_tokenizer_file
 
 EOS = 2

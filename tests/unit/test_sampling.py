@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from aisandbox.runtime.sampling import Sampler, SamplerRow, prompt_logprobs
-from aisandbox.runtime.types import SamplingParams
+from aisandbox.runtime.request import SamplingParams
+from aisandbox.runtime.torch.sampling import Sampler, SamplerRow, prompt_logprobs
 
 V = 50
 EOS = 2

@@ -13,8 +13,8 @@ from aisandbox.errors import InvalidRequest
 from aisandbox.http import schemas
 from aisandbox.http.errors import error_response
 from aisandbox.http.schemas import ChatCompletionRequest, CompletionRequest, check_logit_bias
-from aisandbox.runtime.logprobs import LogprobFormatter
-from aisandbox.runtime.tokenizer import MistralCommonTokenizer
+from aisandbox.runtime.structured.logprobs import LogprobFormatter
+from aisandbox.runtime.text.tokenizer import MistralCommonTokenizer
 from aisandbox.runtime.types import GrammarSpec, TokenLogprob
 from tests.conftest import mistral_v3_tokenizer_file
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from aisandbox.runtime.stop import StopMatcher
+from aisandbox.runtime.text.stop import StopMatcher
 
 
 def run(stops: list[str], chunks: list[str]) -> tuple[str, str | None, list[str]]:

@@ -10,15 +10,15 @@ from typing import Any
 import jsonschema
 import pytest
 
-from aisandbox.runtime.tokenizer import HFTokenizer, MistralCommonTokenizer
-from aisandbox.runtime.tool_grammar import (
+from aisandbox.runtime.structured.tools.grammar import (
     call_object_schema,
     forced_prefix,
     tool_calls_json_schema,
     tool_structural_tag,
 )
-from aisandbox.runtime.tool_parsers import create_tool_parser
-from aisandbox.runtime.tools import ToolChoice, ToolRequest, ToolSpec
+from aisandbox.runtime.structured.tools.parsers import create_tool_parser
+from aisandbox.runtime.structured.tools.specs import ToolChoice, ToolRequest, ToolSpec
+from aisandbox.runtime.text.tokenizer import HFTokenizer, MistralCommonTokenizer
 from tests.conftest import mistral_v3_tokenizer_file
 from tests.unit.tiny_hf import CHATML, build_tiny_hf_tokenizer
 

@@ -9,8 +9,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from aisandbox.runtime.tool_calling import ToolPlan, plan_tools
-from aisandbox.runtime.tool_parsers import (
+from aisandbox.runtime.structured.tools.parsers import (
     ContentEvent,
     HermesToolParser,
     MistralToolParser,
@@ -22,7 +21,8 @@ from aisandbox.runtime.tool_parsers import (
     create_tool_parser,
     feed_tokens,
 )
-from aisandbox.runtime.tools import ToolCall, ToolChoice, ToolRequest, ToolSpec
+from aisandbox.runtime.structured.tools.plan import ToolPlan, plan_tools
+from aisandbox.runtime.structured.tools.specs import ToolCall, ToolChoice, ToolRequest, ToolSpec
 from aisandbox.runtime.types import FinishReason
 
 TC = 5  # [TOOL_CALLS] in Mistral's v3 vocabulary
@@ -315,7 +315,7 @@ def test_feed_tokens_cuts_steps_before_the_trigger() -> None:
         assert assemble(events + list(result.events))[0] == "Hi"
 
 
-# ---- the per-sequence text state and the plan (aisandbox.runtime.tool_calling) ----
+# ---- the per-sequence text state and the plan (aisandbox.runtime.structured.tools.plan) ----
 
 
 class _FlushDetok(_FakeDetok):

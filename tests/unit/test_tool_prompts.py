@@ -10,10 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from aisandbox.runtime.detokenizer import IncrementalDetokenizer
-from aisandbox.runtime.tokenizer import HFTokenizer, MistralCommonTokenizer, load_tokenizer
-from aisandbox.runtime.tool_parsers import ContentEvent, ToolCallArguments, ToolEvent, create_tool_parser, feed_tokens
-from aisandbox.runtime.tools import MistralIdMap, ToolCall, ToolChoice, ToolRequest, ToolSpec, is_mistral_id
+from aisandbox.runtime.structured.tools.parsers import (
+    ContentEvent,
+    ToolCallArguments,
+    ToolEvent,
+    create_tool_parser,
+    feed_tokens,
+)
+from aisandbox.runtime.structured.tools.specs import (
+    MistralIdMap,
+    ToolCall,
+    ToolChoice,
+    ToolRequest,
+    ToolSpec,
+    is_mistral_id,
+)
+from aisandbox.runtime.text.detokenizer import IncrementalDetokenizer
+from aisandbox.runtime.text.tokenizer import HFTokenizer, MistralCommonTokenizer, load_tokenizer
 from tests.conftest import REPO, mistral_v3_tokenizer_file
 from tests.unit.tiny_hf import CHATML, MISTRAL_TOOLS, QWEN_TOOLS, build_tiny_hf_tokenizer
 

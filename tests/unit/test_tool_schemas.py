@@ -20,8 +20,8 @@ from aisandbox.http.schemas import (
     chat_response,
     usage,
 )
-from aisandbox.runtime.tool_parsers import HermesToolParser, ToolEvent
-from aisandbox.runtime.tools import ToolCall, ToolChoice, ToolRequest, ToolSpec
+from aisandbox.runtime.structured.tools.parsers import HermesToolParser, ToolEvent
+from aisandbox.runtime.structured.tools.specs import ToolCall, ToolChoice, ToolRequest, ToolSpec
 
 Validate = Callable[[Any, str], None]
 

@@ -34,20 +34,15 @@ from aisandbox.errors import (
 )
 from aisandbox.runtime.admission import Admission, AdmissionLimits
 from aisandbox.runtime.loader import create_engine
-from aisandbox.runtime.trtllm_backend import (
+from aisandbox.runtime.request import GenerationRequest, SamplingParams
+from aisandbox.runtime.trtllm.backend import (
     TrtllmBackend,
     TrtllmEngineConfig,
     check_engine_dir,
     final_delta,
     parse_iteration_stats,
 )
-from aisandbox.runtime.types import (
-    EngineState,
-    FinishReason,
-    GenerationRequest,
-    SamplingParams,
-    TokenDelta,
-)
+from aisandbox.runtime.types import EngineState, FinishReason, TokenDelta
 from aisandbox.settings import ServerSettings
 
 H100 = DeviceInfo(0, "NVIDIA H100 80GB HBM3", "9.0", 81559 * 2**20, "580.65.06", "13.0")
@@ -495,7 +490,7 @@ class _Executor:
 
 
 def test_executor_health_reads_the_1_2_proxy_state() -> None:
-    from aisandbox.runtime.trtllm_backend import executor_health
+    from aisandbox.runtime.trtllm.backend import executor_health
 
     class Llm:
         def __init__(self) -> None:

@@ -12,7 +12,7 @@ from tests.conftest import shared_file
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT.parent / "shared" / "tools" / "trtllm_conformance.py"
 # The only modules that may import tensorrt_llm, and only inside functions (lazily).
-ALLOWED = {"aisandbox/runtime/trtllm_backend.py", "aisandbox/build_engine/trt_build.py"}
+ALLOWED = {"aisandbox/runtime/trtllm/backend.py", "aisandbox/build_engine/trt_build.py"}
 
 
 def test_tensorrt_llm_is_imported_lazily_in_the_allowed_modules_only() -> None:
@@ -23,7 +23,7 @@ def test_tensorrt_llm_is_imported_lazily_in_the_allowed_modules_only() -> None:
         for match in pattern.finditer(path.read_text()):
             seen.setdefault(rel, []).append(match.group(1))
     assert set(seen) <= ALLOWED, seen
-    assert "aisandbox/runtime/trtllm_backend.py" in seen
+    assert "aisandbox/runtime/trtllm/backend.py" in seen
     assert all(indent for indents in seen.values() for indent in indents), "a module-level tensorrt_llm import"
 
 

@@ -23,8 +23,9 @@ from aisandbox.build_engine.trt_build import (
     quant_config_kwargs,
 )
 from aisandbox.errors import InvalidRequest
-from aisandbox.runtime.trtllm_backend import llm_runtime_kwargs, sampling_kwargs, token_logprobs
-from aisandbox.runtime.types import GrammarSpec, SamplingParams
+from aisandbox.runtime.request import SamplingParams
+from aisandbox.runtime.trtllm.backend import llm_runtime_kwargs, sampling_kwargs, token_logprobs
+from aisandbox.runtime.types import GrammarSpec
 from tests.conftest import shared_file
 
 SAMPLING_PARAMS = set(
@@ -444,7 +445,7 @@ def test_build_kwargs_carry_tp() -> None:
 
 
 def test_seed_mapping_into_uint64() -> None:
-    from aisandbox.runtime.trtllm_backend import uint64_seed
+    from aisandbox.runtime.trtllm.backend import uint64_seed
 
     assert [uint64_seed(s) for s in (0, 7, -1, -(2**63), 2**63 - 1)] == [0, 7, 2**64 - 1, 2**63, 2**63 - 1]
     assert sampling_kwargs(SamplingParams(max_tokens=8, seed=-3), (2,), seed=1)["seed"] == 2**64 - 3

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from aisandbox.artifacts import DeviceInfo, EngineIncompatible, EngineManifest, LibraryVersions, read_manifest
-from aisandbox.runtime.trtllm_backend import check_engine_dir, visible_gpus
+from aisandbox.runtime.trtllm.backend import check_engine_dir, visible_gpus
 from aisandbox.serve import add_arguments, check_gpu_mode, run
 
 from .test_trtllm_backend import H100, VERSIONS, make_engine_dir
@@ -66,7 +66,7 @@ def test_serve_refuses_workers_with_a_tp_engine(
     monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)  # restored afterwards: serve sets it in os.environ
     d = tp_engine_dir(tmp_path / "engine", 2)
     manifest = read_manifest(d)
-    monkeypatch.setattr("aisandbox.runtime.trtllm_backend.check_engine_dir", lambda engine_dir: manifest)
+    monkeypatch.setattr("aisandbox.runtime.trtllm.backend.check_engine_dir", lambda engine_dir: manifest)
     execs: list[Any] = []
     monkeypatch.setattr("os.execve", lambda *a: execs.append(a))
     assert run(_serve_args("--engine", str(d), "--workers", "2")) == 2

@@ -143,7 +143,7 @@ def test_compare_command(fake_server: FakeServer, tmp_path: Path, capsys: pytest
 def test_bench_package_never_imports_the_runtime() -> None:
     code = (
         "import sys, aisandbox.bench.cli, aisandbox.bench.plots; "
-        "banned = ('aisandbox.runtime', 'aisandbox.local_engine_client', 'torch'); "
+        "banned = ('aisandbox.runtime', 'aisandbox.bench.local_engine', 'torch'); "
         "bad = [m for m in sys.modules if m.startswith(banned)]; "
         "print(bad); raise SystemExit(bool(bad))"
     )

@@ -1,0 +1,1 @@
+"""Structured output: grammars (xgrammar), logprobs, function calling (specs, prompts, grammars, parsers)."""

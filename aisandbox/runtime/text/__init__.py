@@ -1,0 +1,1 @@
+"""Shared by every backend: tokenizers, chat templates, incremental detokenization, stop strings, the text step."""

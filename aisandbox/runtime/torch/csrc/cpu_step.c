@@ -1,0 +1,622 @@
+/* The parts of a Llama-family decoder layer between its matrix multiplies, for the torch backend on CPU.
+ *
+ * Built at load by aisandbox/runtime/torch/cpu_kernels.py with the machine's own compiler (-O3 -march=native
+ * -fopenmp) and called through ctypes: one call where the PyTorch forward makes 5 to 20 small ops, each of
+ * which costs more in dispatch than in arithmetic at decode sizes. OpenMP here is the libgomp that PyTorch
+ * already loaded (same soname), so both share one thread pool and torch.set_num_threads.
+ *
+ * All tensors are float32 and contiguous, in the layouts named at each function.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* e^x to about 1 ulp for x in [-87, 88] (Cephes' expf polynomial), written so that the compiler vectorizes
+ * the loops that call it; libm's expf is a scalar call per element. */
+static inline float exp_f(float x) {
+    x = fminf(fmaxf(x, -87.f), 88.f);
+    float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f; /* round to nearest: 1.5 * 2^23 */
+    float r = fmaf(n, -0.693359375f, x);
+    r = fmaf(n, 2.12194440e-4f, r);
+    float p = 1.9875691500E-4f;
+    p = fmaf(p, r, 1.3981999507E-3f);
+    p = fmaf(p, r, 8.3334519073E-3f);
+    p = fmaf(p, r, 4.1665795894E-2f);
+    p = fmaf(p, r, 1.6666665459E-1f);
+    p = fmaf(p, r, 5.0000001201E-1f);
+    p = fmaf(p, r * r, r) + 1.f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* x: [n, dim]; out = x / sqrt(mean(x^2) + eps) * w. */
+void rms_norm(const float *x, const float *w, float *out, int64_t n, int64_t dim, float eps) {
+    for (int64_t r = 0; r < n; r++) {
+        const float *xr = x + r * dim;
+        float *o = out + r * dim;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < dim; i++) s += xr[i] * xr[i];
+        float inv = 1.f / sqrtf(s / (float)dim + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < dim; i++) o[i] = xr[i] * inv * w[i];
+    }
+}
+
+/* The residual add and the next norm in one pass: x += d; out = rms_norm(x) * w. x, d, out: [n, dim]. */
+void add_rms_norm(float *x, const float *d, const float *w, float *out, int64_t n, int64_t dim, float eps) {
+    for (int64_t r = 0; r < n; r++) {
+        float *xr = x + r * dim;
+        const float *dr = d + r * dim;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < dim; i++) {
+            xr[i] += dr[i];
+            s += xr[i] * xr[i];
+        }
+        float inv = 1.f / sqrtf(s / (float)dim + eps);
+        float *o = out + r * dim;
+#pragma omp simd
+        for (int64_t i = 0; i < dim; i++) o[i] = xr[i] * inv * w[i];
+    }
+}
+
+/* gu: [n, 2 * inter] (gate then up); out: [n, inter] = silu(gate) * up. */
+void silu_mul(const float *gu, float *out, int64_t n, int64_t inter) {
+#pragma omp parallel for if (n * inter > 65536)
+    for (int64_t r = 0; r < n; r++) {
+        const float *g = gu + r * 2 * inter, *u = g + inter;
+        float *o = out + r * inter;
+#pragma omp simd
+        for (int64_t i = 0; i < inter; i++) o[i] = g[i] / (1.f + exp_f(-g[i])) * u[i];
+    }
+}
+
+/* out = x * cos + rotate_half(x) * sin over one head of d values (transformers' Llama rotary). */
+static inline void rope(const float *x, const float *c, const float *s, float *out, int64_t d) {
+    int64_t h = d / 2;
+#pragma omp simd
+    for (int64_t i = 0; i < h; i++) {
+        out[i] = x[i] * c[i] - x[i + h] * s[i];
+        out[i + h] = x[i + h] * c[i + h] + x[i] * s[i + h];
+    }
+}
+
+/* Attention of g query heads q [g, d] that share one KV head, over n cached columns K, V [n, d]: o [g, d], by
+ * attend() below. p: scratch [g, n] for the scores. */
+static void scores_plain(const float *q, const float *K, int64_t n, int64_t g, int64_t d, float scale, float *p) {
+    for (int64_t j = 0; j < n; j++) { /* scores for the g heads, reading K once */
+        const float *k = K + j * d;
+        for (int64_t h = 0; h < g; h++) {
+            const float *qh = q + h * d;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t e = 0; e < d; e++) s += qh[e] * k[e];
+            p[h * n + j] = s * scale;
+        }
+    }
+}
+
+static void softmax_rows(float *p, int64_t g, int64_t n) {
+    for (int64_t h = 0; h < g; h++) {
+        float *ph = p + h * n, m = -FLT_MAX, sum = 0.f;
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < n; j++) m = ph[j] > m ? ph[j] : m;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; j++) {
+            ph[j] = exp_f(ph[j] - m);
+            sum += ph[j];
+        }
+        float inv = 1.f / sum;
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) ph[j] *= inv;
+    }
+}
+
+static void weigh_plain(const float *p, const float *V, int64_t n, int64_t g, int64_t d, float *acc) {
+    memset(acc, 0, sizeof(float) * (size_t)(g * d));  /* acc: the output, [g, d] */
+    for (int64_t j = 0; j < n; j++) {
+        const float *v = V + j * d;
+        for (int64_t h = 0; h < g; h++) {
+            float w = p[h * n + j], *a = acc + h * d;
+#pragma omp simd
+            for (int64_t e = 0; e < d; e++) a[e] += w * v[e];
+        }
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* The four sums of a0..a3, in order. */
+static inline __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+/* Scores of heads h0..h0+hg-1 (hg <= 3, a constant once inlined) against columns j..j+3: twelve accumulators,
+ * each column's K read once for all the heads, four sums reduced at once. d % 8 == 0. */
+static inline __attribute__((always_inline)) void scores4(const float *q, const float *K, int64_t n, int64_t d,
+                                                          float scale, float *p, int64_t h0, int hg, int64_t j) {
+    __m256 a[3][4];
+    for (int h = 0; h < 3; h++)
+        for (int c = 0; c < 4; c++) a[h][c] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < d; e += 8) {
+        __m256 k[4];
+        for (int c = 0; c < 4; c++) k[c] = _mm256_loadu_ps(K + (j + c) * d + e);
+        for (int h = 0; h < hg; h++) {
+            __m256 qv = _mm256_loadu_ps(q + (h0 + h) * d + e);
+            for (int c = 0; c < 4; c++) a[h][c] = _mm256_fmadd_ps(qv, k[c], a[h][c]);
+        }
+    }
+    for (int h = 0; h < hg; h++)
+        _mm_storeu_ps(p + (h0 + h) * n + j, _mm_mul_ps(hsum4x8(a[h][0], a[h][1], a[h][2], a[h][3]), _mm_set1_ps(scale)));
+}
+
+/* acc[h0..h0+hg-1, e0..e0+31] = sum_j p[h, j] V[j, e]: twelve accumulators, each V row read once for the heads. */
+static inline __attribute__((always_inline)) void weigh32(const float *p, const float *V, int64_t n, int64_t d,
+                                                          float *acc, int64_t h0, int hg, int64_t e0) {
+    __m256 a[3][4];
+    for (int h = 0; h < 3; h++)
+        for (int c = 0; c < 4; c++) a[h][c] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j++) {
+        __m256 v[4];
+        for (int c = 0; c < 4; c++) v[c] = _mm256_loadu_ps(V + j * d + e0 + 8 * c);
+        for (int h = 0; h < hg; h++) {
+            __m256 w = _mm256_broadcast_ss(p + (h0 + h) * n + j);
+            for (int c = 0; c < 4; c++) a[h][c] = _mm256_fmadd_ps(w, v[c], a[h][c]);
+        }
+    }
+    for (int h = 0; h < hg; h++)
+        for (int c = 0; c < 4; c++) _mm256_storeu_ps(acc + (h0 + h) * d + e0 + 8 * c, a[h][c]);
+}
+
+static void attend(const float *q, const float *K, const float *V, int64_t n, int64_t g, int64_t d, float scale,
+                   float *p, float *o) {
+    if (d % 32 != 0) {
+        scores_plain(q, K, n, g, d, scale, p);
+        softmax_rows(p, g, n);
+        weigh_plain(p, V, n, g, d, o);
+        return;
+    }
+    for (int64_t h0 = 0; h0 < g; h0 += 3) {
+        const int hg = g - h0 < 3 ? (int)(g - h0) : 3;
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+            if (hg == 3) scores4(q, K, n, d, scale, p, h0, 3, j);
+            else if (hg == 2) scores4(q, K, n, d, scale, p, h0, 2, j);
+            else scores4(q, K, n, d, scale, p, h0, 1, j);
+        }
+        for (; j < n; j++)
+            for (int64_t h = h0; h < h0 + hg; h++) {
+                __m256 s = _mm256_setzero_ps();
+                for (int64_t e = 0; e < d; e += 8)
+                    s = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + e), _mm256_loadu_ps(K + j * d + e), s);
+                p[h * n + j] = hsum8(s) * scale;
+            }
+    }
+    softmax_rows(p, g, n);
+    for (int64_t h0 = 0; h0 < g; h0 += 3) {
+        const int hg = g - h0 < 3 ? (int)(g - h0) : 3;
+        for (int64_t e0 = 0; e0 < d; e0 += 32) {
+            if (hg == 3) weigh32(p, V, n, d, o, h0, 3, e0);
+            else if (hg == 2) weigh32(p, V, n, d, o, h0, 2, e0);
+            else weigh32(p, V, n, d, o, h0, 1, e0);
+        }
+    }
+}
+#else
+static void attend(const float *q, const float *K, const float *V, int64_t n, int64_t g, int64_t d, float scale,
+                   float *p, float *o) {
+    scores_plain(q, K, n, g, d, scale, p);
+    softmax_rows(p, g, n);
+    weigh_plain(p, V, n, g, d, o);
+}
+#endif
+
+/* Rotary on q and k, K and V stored in the layer's cache, then attention for each query.
+ *
+ * qkv: [R, Q, (hq + 2 hk) * d], the fused projection's output (q heads, then k heads, then v heads).
+ * cos, sin: [R, Q, d] for each query's position.
+ * kbuf, vbuf: the layer's cache [rows_cap, hk, cols_cap, d]; row r of this call is cache row row0 + r, and its
+ *   query i sits at column write_col + i. start[r] is the row's first column: a query sees columns
+ *   start[r] .. its own. A query is valid when its column is >= start[r] and valid (if given, [R, Q]) says so;
+ *   an invalid one (left padding, or a position whose KV came from the prefix cache) stores nothing and
+ *   outputs zeros.
+ * qout: [R, Q, hq, d], the rotated queries (for a caller that attends itself; always written).
+ * out: [R, Q, hq * d] attention output, or NULL to store only.
+ */
+void rope_store_attend(const float *qkv, const float *cos, const float *sin, float *kbuf, float *vbuf,
+                       int64_t cols_cap, int64_t row0, int64_t write_col, const int64_t *start,
+                       const uint8_t *valid, int64_t R, int64_t Q, int64_t hq, int64_t hk, int64_t d, float *qout,
+                       float *out, float scale) {
+    const int64_t width = (hq + 2 * hk) * d;
+#pragma omp parallel for collapse(2) if (R * Q > 1)
+    for (int64_t r = 0; r < R; r++) {
+        for (int64_t i = 0; i < Q; i++) {
+            const int64_t t = r * Q + i, col = write_col + i;
+            const float *src = qkv + t * width, *c = cos + t * d, *s = sin + t * d;
+            for (int64_t h = 0; h < hq; h++) rope(src + h * d, c, s, qout + (t * hq + h) * d, d);
+            int ok = col >= start[r] && (valid == NULL || valid[t]);
+            if (!ok) continue;
+            for (int64_t h = 0; h < hk; h++) {
+                int64_t at = (((row0 + r) * hk + h) * cols_cap + col) * d;
+                rope(src + (hq + h) * d, c, s, kbuf + at, d);
+                memcpy(vbuf + at, src + (hq + hk + h) * d, d * sizeof(float));
+            }
+        }
+    }
+    if (out == NULL) return;
+    const int64_t g = hq / hk;
+#pragma omp parallel
+    {
+        float *p = malloc(sizeof(float) * (size_t)(g * (write_col + Q)));
+#pragma omp for collapse(3) schedule(dynamic, 1)
+        for (int64_t r = 0; r < R; r++) {
+            for (int64_t kh = 0; kh < hk; kh++) {
+                for (int64_t i = 0; i < Q; i++) {
+                    const int64_t t = r * Q + i, col = write_col + i;
+                    float *o = out + t * hq * d + kh * g * d;
+                    int ok = col >= start[r] && (valid == NULL || valid[t]);
+                    if (!ok) {
+                        memset(o, 0, sizeof(float) * (size_t)(g * d));
+                        continue;
+                    }
+                    const int64_t lo = start[r], n = col + 1 - lo;
+                    const float *K = kbuf + (((row0 + r) * hk + kh) * cols_cap + lo) * d;
+                    const float *V = vbuf + (((row0 + r) * hk + kh) * cols_cap + lo) * d;
+                    attend(qout + (t * hq + kh * g) * d, K, V, n, g, d, scale, p, o);
+                }
+            }
+        }
+        free(p);
+    }
+}
+
+/* ---- Block-quantized matrix multiplies: y[R, N] = x[R, K] @ W[N, K]^T ----
+ *
+ * PyTorch's 4-bit CPU kernel wants bfloat16 activations (8 bits of mantissa) and spends most of a one-row call
+ * unpacking. Here the weights stay in their GGUF blocks of 32 and each row of activations is quantized to int16
+ * with one scale per row (error about 1/65536 of the row's largest value; llama.cpp's int8 Q8_1 costs 1/256
+ * per block and measured 0 of 32 greedy continuations identical to float32 on SmolLM2, this 32 of 32). A
+ * block's dot product is two vpmaddwd in integers, then one fused multiply-add by the block's weight scale.
+ *
+ * Q4_1 (GGUF): per row n and block b, 16 bytes qs (element j is byte j's low nibble, element j + 16 its high
+ * nibble), a scale d and a minimum m: w = d * q + m. So a block's dot product with x is
+ * d * dx * (q . qx) + m * sum(x), with sum(x) per block taken once per row of x for all N outputs.
+ * "Q8_1" here: the same with one value per byte (u8): holds a Q4_1 weight exactly, with no nibbles to unpack.
+ * Q8_0 (GGUF): per block 32 int8 values and a scale d: w = d * q.
+ *
+ * One row of x: four outputs at a time (four independent accumulator chains; one would wait on each fused
+ * multiply-add). Several rows: tiles of two outputs by four rows, so that each block of weights is widened
+ * once for four rows (rows are padded to a multiple of four with zeros).
+ */
+enum { Q4_1 = 0, Q8_1 = 1, Q8_0 = 2 };
+#ifndef PREFETCH_TILES
+#define PREFETCH_TILES 2
+#endif
+
+/* x [R, K] -> xq int16 [Rp, K] (rows R..Rp-1 zero), dx [Rp] (row scale), sx [Rp, K/32] (block sums of x). */
+static void quantize_rows(const float *x, int16_t *xq, float *dx, float *sx, int64_t R, int64_t Rp, int64_t K) {
+    const int64_t B = K / 32;
+    for (int64_t r = 0; r < R; r++) {
+        const float *v = x + r * K;
+        float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+        for (int64_t j = 0; j < K; j++) {
+            float a = fabsf(v[j]);
+            amax = a > amax ? a : amax;
+        }
+        float d = amax / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+        /* In each block, the order widen() unpacks the weights in: 0-7, 16-23, 8-15, 24-31. */
+        for (int64_t b = 0; b < B; b++)
+            for (int part = 0; part < 4; part++) {
+                const int64_t from = b * 32 + (part & 1) * 16 + (part >> 1) * 8, to = b * 32 + part * 8;
+#pragma omp simd
+                for (int j = 0; j < 8; j++) xq[r * K + to + j] = (int16_t)lrintf(v[from + j] * inv);
+            }
+#else
+#pragma omp simd
+        for (int64_t j = 0; j < K; j++) xq[r * K + j] = (int16_t)lrintf(v[j] * inv);
+#endif
+        dx[r] = d;
+        for (int64_t b = 0; b < B; b++) {
+            float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+            for (int j = 0; j < 32; j++) sum += v[b * 32 + j];
+            sx[r * B + b] = sum;
+        }
+    }
+    for (int64_t r = R; r < Rp; r++) {
+        memset(xq + r * K, 0, sizeof(int16_t) * (size_t)K);
+        dx[r] = 0.f;
+        memset(sx + r * B, 0, sizeof(float) * (size_t)B);
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* Block b of output row n, widened to int16 with in-lane unpacks (a lane-crossing widen costs more): elements
+ * 0-7 and 16-23 in *w0, 8-15 and 24-31 in *w1, the order quantize_rows() puts the activations in. */
+static inline __attribute__((always_inline)) void widen(int kind, const uint8_t *qs, int64_t n, int64_t b, int64_t K,
+                                                        __m256i *w0, __m256i *w1) {
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i v;
+    if (kind == Q4_1) {
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(qs + (n * (K / 32) + b) * 16));
+        v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+    } else {
+        v = _mm256_loadu_si256((const __m256i *)(qs + n * K + b * 32));
+    }
+    const __m256i high = kind == Q8_0 ? _mm256_cmpgt_epi8(zero, v) : zero; /* sign bytes for int8 */
+    *w0 = _mm256_unpacklo_epi8(v, high);
+    *w1 = _mm256_unpackhi_epi8(v, high);
+}
+
+static inline __attribute__((always_inline)) __m256 block_dot(__m256i w0, __m256i w1, const int16_t *x) {
+    __m256i x0 = _mm256_loadu_si256((const __m256i *)x), x1 = _mm256_loadu_si256((const __m256i *)(x + 16));
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1)));
+}
+
+/* Ask for bytes [0, size) of p ahead of their use (prefetches never fault). */
+static inline void prefetch(const void *p, int64_t size) {
+    for (int64_t off = 0; off < size; off += 64) _mm_prefetch((const char *)p + off, _MM_HINT_T0);
+}
+
+/* Outputs n..n+3 for one row r. */
+static inline __attribute__((always_inline)) void tile_4x1(int kind, const uint8_t *qs, const float *d, const int16_t *xq, int64_t r, int64_t n,
+                            int64_t K, float out[4]) {
+    const int64_t B = K / 32;
+    const int16_t *xr = xq + r * K;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    /* One row reads each weight once, from memory: ask for the tile PREFETCH_TILES ahead while this one runs
+     * (the hardware prefetcher alone kept the 32 MB output layer at about 6 GB/s). */
+    const int64_t row_bytes = kind == Q4_1 ? K / 2 : K, tile_bytes = 4 * row_bytes;
+    const char *ahead = (const char *)qs + (n + 4 * PREFETCH_TILES) * row_bytes;
+    prefetch(d + (n + 4 * PREFETCH_TILES) * B, 4 * B * (int64_t)sizeof(float));
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t off = b * tile_bytes / B / 64 * 64; off < (b + 1) * tile_bytes / B; off += 64)
+            _mm_prefetch(ahead + off, _MM_HINT_T0);
+        for (int j = 0; j < 4; j++) {
+            __m256i w0, w1;
+            widen(kind, qs, n + j, b, K, &w0, &w1);
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d[(n + j) * B + b]), block_dot(w0, w1, xr + b * 32), acc[j]);
+        }
+    }
+    for (int j = 0; j < 4; j++) out[j] = hsum8(acc[j]);
+}
+
+/* Outputs n, n+1 for rows r..r+3. */
+static inline __attribute__((always_inline)) void tile_2x4(int kind, const uint8_t *qs, const float *d, const int16_t *xq, int64_t r, int64_t n,
+                            int64_t K, float out[2][4]) {
+    const int64_t B = K / 32;
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    const int16_t *x0 = xq + r * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+    for (int64_t b = 0; b < B; b++) {
+        __m256i u0, u1, v0, v1;
+        widen(kind, qs, n, b, K, &u0, &u1);
+        widen(kind, qs, n + 1, b, K, &v0, &v1);
+        __m256 du = _mm256_set1_ps(d[n * B + b]), dv = _mm256_set1_ps(d[(n + 1) * B + b]);
+        const int64_t o = b * 32;
+        a00 = _mm256_fmadd_ps(du, block_dot(u0, u1, x0 + o), a00);
+        a10 = _mm256_fmadd_ps(dv, block_dot(v0, v1, x0 + o), a10);
+        a01 = _mm256_fmadd_ps(du, block_dot(u0, u1, x1 + o), a01);
+        a11 = _mm256_fmadd_ps(dv, block_dot(v0, v1, x1 + o), a11);
+        a02 = _mm256_fmadd_ps(du, block_dot(u0, u1, x2 + o), a02);
+        a12 = _mm256_fmadd_ps(dv, block_dot(v0, v1, x2 + o), a12);
+        a03 = _mm256_fmadd_ps(du, block_dot(u0, u1, x3 + o), a03);
+        a13 = _mm256_fmadd_ps(dv, block_dot(v0, v1, x3 + o), a13);
+    }
+    out[0][0] = hsum8(a00), out[0][1] = hsum8(a01), out[0][2] = hsum8(a02), out[0][3] = hsum8(a03);
+    out[1][0] = hsum8(a10), out[1][1] = hsum8(a11), out[1][2] = hsum8(a12), out[1][3] = hsum8(a13);
+}
+#else
+/* Output n for row r, in plain C (a CPU without AVX2 and FMA). */
+static float dot_plain(int kind, const uint8_t *qs, const float *d, const int16_t *xq, int64_t r, int64_t n,
+                       int64_t K) {
+    const int64_t B = K / 32;
+    float out = 0.f;
+    for (int64_t b = 0; b < B; b++) {
+        int32_t s = 0;
+        for (int e = 0; e < 32; e++) {
+            int32_t w;
+            if (kind == Q4_1) {
+                uint8_t v = qs[(n * B + b) * 16 + (e & 15)];
+                w = e < 16 ? (v & 15) : (v >> 4);
+            } else if (kind == Q8_1) {
+                w = qs[n * K + b * 32 + e];
+            } else {
+                w = ((const int8_t *)qs)[n * K + b * 32 + e];
+            }
+            s += w * xq[r * K + b * 32 + e];
+        }
+        out += d[n * B + b] * (float)s;
+    }
+    return out;
+}
+#endif
+
+static inline float min_term(const float *m, const float *sx, int64_t r, int64_t n, int64_t B) {
+    if (m == NULL) return 0.f;
+    const float *mn = m + n * B, *sr = sx + r * B;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t b = 0; b < B; b++) s += mn[b] * sr[b];
+    return s;
+}
+
+static void block_matmul(int kind, const uint8_t *qs, const float *d, const float *m, const float *x, float *y,
+                         int64_t R, int64_t N, int64_t K) {
+    const int64_t B = K / 32, Rp = R == 1 ? 1 : (R + 3) / 4 * 4;
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(Rp * K));
+    float *dx = malloc(sizeof(float) * (size_t)Rp), *sx = malloc(sizeof(float) * (size_t)(Rp * B));
+    quantize_rows(x, xq, dx, sx, R, Rp, K);
+#if defined(__AVX2__) && defined(__FMA__)
+    if (R == 1) {
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < N; n += 4) {
+            float out[4];
+            if (m != NULL) prefetch(m + (n + 4 * PREFETCH_TILES) * B, 4 * B * (int64_t)sizeof(float));
+            /* one specialized copy per kind: a kind tested inside the block loop costs a third of the speed */
+            if (kind == Q4_1) tile_4x1(Q4_1, qs, d, xq, 0, n, K, out);
+            else if (kind == Q8_1) tile_4x1(Q8_1, qs, d, xq, 0, n, K, out);
+            else tile_4x1(Q8_0, qs, d, xq, 0, n, K, out);
+            for (int j = 0; j < 4; j++) y[n + j] = dx[0] * out[j] + min_term(m, sx, 0, n + j, B);
+        }
+    } else {
+        /* The minimum terms of four rows at once: block sums transposed to [B, Rp]. */
+        float *st = malloc(sizeof(float) * (size_t)(B * Rp));
+        for (int64_t r = 0; r < Rp; r++)
+            for (int64_t b = 0; b < B; b++) st[b * Rp + r] = sx[r * B + b];
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < N; n += 2) {
+            /* the pair 4 * PREFETCH_TILES outputs ahead, as tile_4x1 does for one row */
+            const int64_t ahead = n + 4 * PREFETCH_TILES, row_bytes = kind == Q4_1 ? K / 2 : K;
+            prefetch(qs + ahead * row_bytes, 2 * row_bytes);
+            prefetch(d + ahead * B, 2 * B * (int64_t)sizeof(float));
+            if (m != NULL) prefetch(m + ahead * B, 2 * B * (int64_t)sizeof(float));
+            for (int64_t r = 0; r < Rp; r += 4) {
+                float out[2][4], mt[2][4];
+                if (kind == Q4_1) tile_2x4(Q4_1, qs, d, xq, r, n, K, out);
+                else if (kind == Q8_1) tile_2x4(Q8_1, qs, d, xq, r, n, K, out);
+                else tile_2x4(Q8_0, qs, d, xq, r, n, K, out);
+                for (int j = 0; j < 2; j++) {
+                    __m128 acc = _mm_setzero_ps();
+                    if (m != NULL)
+                        for (int64_t b = 0; b < B; b++)
+                            acc = _mm_fmadd_ps(_mm_set1_ps(m[(n + j) * B + b]), _mm_loadu_ps(st + b * Rp + r), acc);
+                    _mm_storeu_ps(mt[j], acc);
+                }
+                for (int64_t i = 0; i < 4 && r + i < R; i++)
+                    for (int j = 0; j < 2; j++) y[(r + i) * N + n + j] = dx[r + i] * out[j][i] + mt[j][i];
+            }
+        }
+        free(st);
+    }
+#else
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t r = 0; r < R; r++) y[r * N + n] = dx[r] * dot_plain(kind, qs, d, xq, r, n, K) + min_term(m, sx, r, n, B);
+#endif
+    free(xq);
+    free(dx);
+    free(sx);
+}
+
+/* qs: [N, K/32, 16] bytes; d, m: [N, K/32]; x: [R, K]; y: [R, N]. N % 4 == 0, K % 32 == 0. */
+void q4_1_matmul(const uint8_t *qs, const float *d, const float *m, const float *x, float *y, int64_t R,
+                 int64_t N, int64_t K) {
+    block_matmul(Q4_1, qs, d, m, x, y, R, N, K);
+}
+
+/* qs: [N, K] u8; d, m: [N, K/32]; x: [R, K]; y: [R, N]. N % 4 == 0, K % 32 == 0. */
+void q8_1_matmul(const uint8_t *qs, const float *d, const float *m, const float *x, float *y, int64_t R,
+                 int64_t N, int64_t K) {
+    block_matmul(Q8_1, qs, d, m, x, y, R, N, K);
+}
+
+/* qs: [N, K] int8; d: [N, K/32]; x: [R, K]; y: [R, N]. N % 4 == 0, K % 32 == 0. */
+void q8_0_matmul(const int8_t *qs, const float *d, const float *x, float *y, int64_t R, int64_t N, int64_t K) {
+    block_matmul(Q8_0, (const uint8_t *)qs, d, NULL, x, y, R, N, K);
+}
+
+/* ---- Q4_1 in panels of 16 outputs, for several rows: y[R, N] = x[R, K] @ W[N, K]^T in float32 ----
+ *
+ * The same values as q4_1_matmul's blocks, laid out for a register-tiled float32 multiply: each thread unpacks
+ * a panel of 16 outputs into float32 once per call (w = d * q + m, exactly the weight's value up to one
+ * rounding), then every group of six rows takes it with broadcast activations and twelve accumulators (six rows
+ * x two vectors of eight outputs). Activations stay float32, so the result differs from float32 weights only by
+ * the order of the sums. Unpacking costs about one operation per weight per call, so this wins from a few rows
+ * (the load-time timing decides where).
+ *
+ * qp: [N/16, K, 8] bytes, byte j of (panel p, column k) = q[16p + j, k] | q[16p + 8 + j, k] << 4;
+ * dp, mp: [N/16, K/32, 16] float32 (scale and minimum of output 16p + j over columns 32b..32b+31).
+ * N % 16 == 0, K % 32 == 0.
+ */
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __attribute__((always_inline)) void panel_rows(const float *w, const float *x, float *y, int64_t K,
+                                                             int64_t N, int rows) {
+    __m256 c[6][2];
+    for (int i = 0; i < 6; i++) c[i][0] = c[i][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 w0 = _mm256_load_ps(w + k * 16), w1 = _mm256_load_ps(w + k * 16 + 8);
+        for (int i = 0; i < rows; i++) {
+            const __m256 b = _mm256_broadcast_ss(x + i * K + k);
+            c[i][0] = _mm256_fmadd_ps(w0, b, c[i][0]);
+            c[i][1] = _mm256_fmadd_ps(w1, b, c[i][1]);
+        }
+    }
+    for (int i = 0; i < rows; i++) {
+        _mm256_storeu_ps(y + i * N, c[i][0]);
+        _mm256_storeu_ps(y + i * N + 8, c[i][1]);
+    }
+}
+
+static void unpack_panel(const uint8_t *q, const float *dp, const float *mp, int64_t K, float *w) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    for (int64_t b = 0; b < K / 32; b++) {
+        const __m256 d0 = _mm256_loadu_ps(dp + b * 16), d1 = _mm256_loadu_ps(dp + b * 16 + 8);
+        const __m256 m0 = _mm256_loadu_ps(mp + b * 16), m1 = _mm256_loadu_ps(mp + b * 16 + 8);
+        for (int64_t k = b * 32; k < b * 32 + 32; k++) {
+            const __m128i raw = _mm_loadl_epi64((const __m128i *)(q + k * 8));
+            const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+            _mm256_store_ps(w + k * 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d0, m0));
+            _mm256_store_ps(w + k * 16 + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d1, m1));
+        }
+    }
+}
+#else
+static void unpack_panel(const uint8_t *q, const float *dp, const float *mp, int64_t K, float *w) {
+    for (int64_t k = 0; k < K; k++)
+        for (int j = 0; j < 16; j++) {
+            const uint8_t v = q[k * 8 + (j & 7)];
+            const int64_t at = (k / 32) * 16 + j;
+            w[k * 16 + j] = (float)(j < 8 ? v & 15 : v >> 4) * dp[at] + mp[at];
+        }
+}
+#endif
+
+void q4_1p_matmul(const uint8_t *qp, const float *dp, const float *mp, const float *x, float *y, int64_t R,
+                  int64_t N, int64_t K) {
+    const int64_t B = K / 32;
+#pragma omp parallel
+    {
+        float *w = aligned_alloc(64, sizeof(float) * (size_t)(K * 16));
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < N / 16; p++) {
+            unpack_panel(qp + p * K * 8, dp + p * B * 16, mp + p * B * 16, K, w);
+            float *yp = y + p * 16;
+#if defined(__AVX2__) && defined(__FMA__)
+            int64_t r = 0;
+            for (; r + 6 <= R; r += 6) panel_rows(w, x + r * K, yp + r * N, K, N, 6);
+            switch (R - r) {
+            case 1: panel_rows(w, x + r * K, yp + r * N, K, N, 1); break;
+            case 2: panel_rows(w, x + r * K, yp + r * N, K, N, 2); break;
+            case 3: panel_rows(w, x + r * K, yp + r * N, K, N, 3); break;
+            case 4: panel_rows(w, x + r * K, yp + r * N, K, N, 4); break;
+            case 5: panel_rows(w, x + r * K, yp + r * N, K, N, 5); break;
+            default: break;
+            }
+#else
+            for (int64_t r = 0; r < R; r++)
+                for (int j = 0; j < 16; j++) {
+                    float s = 0.f;
+                    for (int64_t k = 0; k < K; k++) s += w[k * 16 + j] * x[r * K + k];
+                    yp[r * N + j] = s;
+                }
+#endif
+        }
+        free(w);
+    }
+}

@@ -1,0 +1,1 @@
+"""The TensorRT-LLM backend: the only package that imports tensorrt_llm (lazily)."""
