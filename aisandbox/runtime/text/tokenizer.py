@@ -18,6 +18,8 @@ Function calling, by tokenizer kind (`Tokenizer.tool_prompt`):
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,12 +248,75 @@ class HFTokenizer:
                 kwargs["tools"] = [t.to_openai() for t in prompt_tools]
         else:
             chat = fallback_messages(messages, tools)
+        text = self._render(chat, kwargs)
+        special = self._special_pattern()
+        if special is not None and any(
+            isinstance(m.get("content"), str) and special.search(m["content"]) for m in chat
+        ):
+            return self._encode_user_text(chat, kwargs, special)
+        # The template already holds the special tokens (BOS included), as vLLM encodes it.
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def _render(self, chat: list[dict[str, Any]], kwargs: dict[str, Any]) -> str:
         try:
             text = self._tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, **kwargs)
         except Exception as exc:  # Jinja templates raise their own errors for unsupported conversations.
             raise InvalidRequest(f"The chat template rejected the messages: {exc}", param="messages") from exc
-        # The template already holds the special tokens (BOS included), as vLLM encodes it.
-        return list(self._tok.encode(str(text), add_special_tokens=False))
+        return str(text)
+
+    def _special_pattern(self) -> re.Pattern[str] | None:
+        """A regex of every special token's text, longest first; None when the tokenizer has none."""
+        if not hasattr(self, "_special_re"):
+            texts = {
+                str(added.content)
+                for added in getattr(self._tok, "added_tokens_decoder", {}).values()
+                if getattr(added, "special", False) and str(added.content)
+            }
+            texts.update(str(t) for t in (self._tok.all_special_tokens or ()) if t)
+            ordered = sorted(texts, key=len, reverse=True)
+            self._special_re = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        return self._special_re
+
+    def _encode_user_text(
+        self, chat: list[dict[str, Any]], kwargs: dict[str, Any], special: re.Pattern[str]
+    ) -> list[int]:
+        """Encode a conversation whose message texts hold special-token strings: those stay text.
+
+        The template is rendered with a random marker in place of each message's content, so the special tokens
+        of the rendering that come from the template are known; the contents go back in as plain text spans,
+        and only special-token strings outside those spans become control tokens. Each stretch between two
+        control tokens is encoded with special-token matching off, which is what the tokenizer does anyway
+        for text that holds none.
+        """
+        nonce = secrets.token_hex(8)
+        contents: list[str] = []
+        marked_chat = []
+        for m in chat:
+            content = m.get("content")
+            if isinstance(content, str):
+                m = {**m, "content": f"\ue000{nonce}:{len(contents)}\ue001"}
+                contents.append(content)
+            marked_chat.append(m)
+        parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", self._render(marked_chat, kwargs))
+        full, spans = "", []
+        for i, part in enumerate(parts):
+            if i % 2 == 0:
+                full += part
+            else:
+                start = len(full)
+                full += contents[int(part)]
+                spans.append((start, len(full)))
+        ids: list[int] = []
+        at = 0
+        for match in special.finditer(full):
+            start, end = match.span()
+            if any(s < end and start < e for s, e in spans):
+                continue  # a user's text: stays text
+            ids += self._tok.encode(full[at:start], add_special_tokens=False, split_special_tokens=True)
+            ids.append(int(self._tok.convert_tokens_to_ids(match.group())))
+            at = end
+        ids += self._tok.encode(full[at:], add_special_tokens=False, split_special_tokens=True)
+        return ids
 
     def byte_table(self) -> ByteTable | None:
         if not hasattr(self, "_byte_table"):
