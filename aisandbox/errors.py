@@ -15,6 +15,7 @@ __all__ = [
     "InvalidRequest",
     "ModelNotFound",
     "Overloaded",
+    "ServerShuttingDown",
     "UnsupportedParameter",
 ]
 
@@ -75,6 +76,14 @@ class EngineNotReady(AisandboxError):
 
     def __init__(self, message: str = "The engine is not ready.") -> None:
         super().__init__(message, code="engine_unavailable")
+
+
+class ServerShuttingDown(EngineNotReady):
+    """The server is draining for shutdown: it takes no new work, and ends what is left at the drain deadline."""
+
+    def __init__(self, message: str = "The server is shutting down; retry on another replica.") -> None:
+        super().__init__(message)
+        self.code = "server_shutting_down"
 
 
 class EngineDead(AisandboxError):

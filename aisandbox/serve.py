@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-queue", type=int, help="waiting requests beyond which new ones get 429")
     p.add_argument("--prefix-cache-mb", type=int, help="torch backend: KV memory for shared prompt prefixes")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health (and /metrics)")
+    p.add_argument("--drain-timeout-s", type=float, help="on SIGTERM, how long streams may finish (default 30)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     p.add_argument("--text-workers", type=int, help="threads for chat templates and tokenization (default 2)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body; larger ones get 413 (default 4 MiB)")
@@ -103,10 +104,10 @@ def gunicorn_argv(settings: ServerSettings) -> list[str]:
     extra = ["--no-control-socket"] if _has_control_socket() else []
     return [
         sys.executable, "-m", "gunicorn", "aisandbox.http.asgi:app",
-        "--worker-class", "uvicorn_worker.UvicornWorker",
+        "--worker-class", "aisandbox.gunicorn_hooks.Worker",
         "--workers", str(settings.workers),
         "--bind", f"{settings.host}:{settings.port}",
-        "--graceful-timeout", str(settings.graceful_timeout_s),
+        "--graceful-timeout", str(settings.gunicorn_graceful_timeout_s),
         "--timeout", "120",
         "--keep-alive", "75",
         "--log-level", settings.log_level,

@@ -72,21 +72,47 @@ class ServerSettings(BaseSettings):
     null_engine_step_ms: float = Field(default=0.0, ge=0.0)
     """Null backend: pause between steps; 0 emits as fast as the process allows."""
     api_key: str | None = None
-    """When set, every /v1 request must carry `Authorization: Bearer <api_key>`."""
+    """When set, every route but /health (and /metrics, unless `metrics_require_key`) needs
+    `Authorization: Bearer <api_key>`."""
+    metrics_require_key: bool = False
+    """With an API key set, /metrics needs the key too."""
+    max_sequences_per_request: int = Field(default=256, ge=1)
+    """Most sequences one request may ask for (prompts x n); more is a 400 naming `prompt` or `n`."""
+    max_request_prompt_tokens: int = Field(default=262_144, ge=16)
+    """Most prompt tokens of one request, all its prompts together (token-id prompts are counted before any
+    other work); more is a 400 naming the prompt."""
+    max_stop_strings: int = Field(default=4, ge=0)
+    """Most `stop` strings one request may give (OpenAI's limit is 4)."""
+    max_stop_token_ids: int = Field(default=64, ge=0)
+    """Most `stop_token_ids` one request may give."""
+    max_logit_bias: int = Field(default=300, ge=0)
+    """Most `logit_bias` entries one request may give (OpenAI's limit is 300)."""
+    max_grammar_bytes: int = Field(default=100_000, ge=1, le=100_000)
+    """Largest regex, grammar or JSON schema (UTF-8 bytes) one request may give."""
+    drain_timeout_s: float = Field(default=30.0, ge=0.0, le=3600.0)
+    """On SIGTERM: how long running requests may go on finishing; past it, streams end with an error event
+    (`server_shutting_down`) and `data: [DONE]`, other requests with a 503."""
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     """Where the converted default model is kept."""
     threads: int | None = Field(default=None, ge=1)
     """torch intra-op threads on CPU; default all cores."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the server and the engine."""
-    graceful_timeout_s: int = Field(default=30, ge=1)
-    """Seconds gunicorn waits for running requests on SIGTERM."""
+    graceful_timeout_s: int | None = Field(default=None, ge=1)
+    """Seconds gunicorn waits for a worker on SIGTERM before it kills it; never less than
+    `drain_timeout_s` + 15 (the drain, then the engine's shutdown), which is also the default."""
 
     @model_validator(mode="after")
     def _one_model_source(self) -> ServerSettings:
         if self.model is not None and self.engine_dir is not None:
             raise ValueError("give either --model (torch backend) or --engine (trtllm backend), not both")
         return self
+
+    @property
+    def gunicorn_graceful_timeout_s(self) -> int:
+        """gunicorn's graceful timeout: above the drain, with time for the engine to shut down."""
+        floor = int(self.drain_timeout_s + 0.999) + 15
+        return max(self.graceful_timeout_s or floor, floor)
 
     @property
     def backend(self) -> Literal["torch", "trtllm"]:

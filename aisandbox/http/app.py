@@ -11,7 +11,6 @@ prompts are templated and tokenized on the engine's text pool, and text comes ba
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import re
@@ -31,13 +30,14 @@ from aisandbox.http import schemas
 from aisandbox.http.errors import (
     InvalidJson,
     RequestTooLarge,
-    Unauthorized,
     error_response,
     from_validation_error,
     register_error_handlers,
 )
 from aisandbox.http.generation import ClientDisconnected, DisconnectSignal, Generation
+from aisandbox.http.lifecycle import Lifecycle
 from aisandbox.http.metrics import Metrics
+from aisandbox.http.policy import AuthPolicy, Limits, check_json, check_prompt_tokens, check_request, refusal_reason
 from aisandbox.runtime.engine import Engine
 from aisandbox.runtime.request import GenerationRequest, SamplingParams
 from aisandbox.runtime.structured.logprobs import ShownLogprob
@@ -85,9 +85,11 @@ class DisconnectWatch:
     the handler has already seen enough to answer 413.
     """
 
-    def __init__(self, app: falcon.asgi.App, max_body_bytes: int) -> None:
+    def __init__(self, app: falcon.asgi.App, max_body_bytes: int, lifecycle: Lifecycle) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.lifecycle = lifecycle
+        """The worker drains through it on SIGTERM (`aisandbox.gunicorn_hooks.Worker`)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,53 +121,58 @@ class DisconnectWatch:
 
 
 class _Lifespan:
-    """Starts the engine when the worker starts, stops it when the worker stops."""
+    """Starts the engine when the worker starts; drains and stops it when the worker stops."""
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self._lifecycle = lifecycle
 
     async def process_startup(self, scope: Scope, event: Any) -> None:
-        await self._engine.start()
+        await self._lifecycle.startup()
 
     async def process_shutdown(self, scope: Scope, event: Any) -> None:
-        await self._engine.shutdown()
+        await self._lifecycle.shutdown()
 
 
 class _RequestContext:
-    """Request ids, the API key (compared in constant time), and one status count per response."""
+    """Request ids, one status count per response, and one refusal count per refused request."""
 
-    def __init__(self, api_key: str | None, metrics: Metrics) -> None:
-        self._expected = f"Bearer {api_key}".encode() if api_key else None
+    def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         given = req.get_header("X-Request-Id")
         req.context.request_id = given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         resp.set_header("X-Request-Id", req.context.request_id)
-        if self._expected and req.path.startswith("/v1"):
-            token = (req.get_header("Authorization") or "").encode()
-            if not hmac.compare_digest(token, self._expected):
-                raise Unauthorized()
 
     async def process_response(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object, req_succeeded: bool
     ) -> None:
         route = req.uri_template or "unmatched"
         self._metrics.requests.labels(route, str(resp.status_code)).inc()
+        error = getattr(req.context, "error", None)
+        reason = refusal_reason(error) if error is not None else None
+        if reason is not None:
+            self._metrics.refused.labels(reason).inc()
 
 
 class _Base:
-    def __init__(self, settings: ServerSettings, engine: Engine, metrics: Metrics) -> None:
+    def __init__(self, settings: ServerSettings, engine: Engine, metrics: Metrics, lifecycle: Lifecycle) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
+        self.lifecycle = lifecycle
+        self.limits = Limits.from_settings(settings)
         self.created = schemas.now()
 
 
 class HealthResource(_Base):
-    """GET /health."""
+    """GET /health (liveness and readiness: 503 while loading, draining or dead)."""
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        if self.lifecycle.draining:
+            resp.status = 503
+            resp.media = {"status": "draining", "reason": "the server is shutting down"}
+            return
         health = self.engine.health()
         resp.status = 200 if health.ready else 503
         resp.media = {"status": health.state.value, "reason": health.reason}
@@ -224,11 +231,12 @@ def _parse_json(data: bytes, max_depth: int) -> Any:
     return value
 
 
-def _parse_request(data: bytes, max_depth: int, schema: type[schemas._SamplingFields]) -> Any:
-    """Parse and validate a request body (JSON, depth, then the OpenAI schema)."""
+def _parse_request(data: bytes, max_depth: int, schema: type[schemas._SamplingFields], limits: Limits) -> Any:
+    """Parse and validate a request body (JSON, depth, the policy's size caps, then the OpenAI schema)."""
     body = _parse_json(data, max_depth)
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_type")
+    check_json(body, limits)  # 300,000 prompts are refused before the schema validates each of them
     try:
         return schema.model_validate(body)
     except ValidationError as exc:
@@ -236,7 +244,11 @@ def _parse_request(data: bytes, max_depth: int, schema: type[schemas._SamplingFi
 
 
 async def read_request(
-    req: falcon.asgi.Request, max_bytes: int, max_depth: int, schema: type[schemas._SamplingFields]
+    req: falcon.asgi.Request,
+    max_bytes: int,
+    max_depth: int,
+    schema: type[schemas._SamplingFields],
+    limits: Limits | None = None,
 ) -> Any:
     """The request's body, read within `max_bytes`, parsed and validated; off the loop when it is large."""
     if req.content_length is not None and req.content_length > max_bytes:
@@ -246,9 +258,10 @@ async def read_request(
         raise RequestTooLarge(max_bytes)
     if not data:
         raise InvalidJson("The body is empty.")
+    limits = limits or Limits()
     if len(data) <= _PARSE_INLINE_BYTES:
-        return _parse_request(data, max_depth, schema)
-    return await asyncio.get_running_loop().run_in_executor(None, _parse_request, data, max_depth, schema)
+        return _parse_request(data, max_depth, schema, limits)
+    return await asyncio.get_running_loop().run_in_executor(None, _parse_request, data, max_depth, schema, limits)
 
 
 @dataclass(eq=False, slots=True)
@@ -279,7 +292,9 @@ class _GenerateResource(_Base):
             raise ModelNotFound(body.model)
         if body.n > self.settings.max_n:
             raise InvalidRequest(f"n must be at most {self.settings.max_n}.", param="n", code="invalid_value")
+        check_request(body, self.limits, self.engine.model_info.vocab_size)  # before any per-request work
         prompts, tools = await self._prompts(body)
+        check_prompt_tokens(sum(len(ids) for ids in prompts), self.limits, self.prompt_param)
         echoes = await self._echoes(body, prompts)
         asked = body.requested_max_tokens()
         rid = schemas.new_id(self.id_prefix)
@@ -291,13 +306,14 @@ class _GenerateResource(_Base):
             for j in range(body.n):
                 sampling = self._sampling(body.to_sampling_params(max_tokens, j), tools)
                 if prepared is None:  # the grammar is compiled once, off the loop; choices differ in seed only
-                    schemas.check_logit_bias(sampling, self.engine.model_info.vocab_size)
                     prepared = sampling = await self.engine.prepare(sampling)
                 else:
                     sampling = replace(sampling, grammar=prepared.grammar)
                 requests.append(GenerationRequest(f"{rid}-{len(requests)}", ids, sampling, tools))
                 choices.append(_Choice(echo=echo))
-        gen = Generation(self.engine, requests, req.scope.get(DISCONNECT_KEY)).submit()
+        disconnect = req.scope.get(DISCONNECT_KEY)
+        gen = Generation(self.engine, requests, disconnect).submit()
+        self.lifecycle.track(gen, disconnect)
         prompt_tokens = sum(len(ids) for ids in prompts)
         self.metrics.prompt_tokens.inc(prompt_tokens)
         created = schemas.now()
@@ -327,7 +343,8 @@ class _GenerateResource(_Base):
         resp.media = self._response(rid, created, choices, reasons, use, logprobs)
 
     async def _parse(self, req: falcon.asgi.Request) -> Any:
-        return await read_request(req, self.settings.max_body_bytes, self.settings.max_json_depth, self.schema)
+        settings = self.settings
+        return await read_request(req, settings.max_body_bytes, settings.max_json_depth, self.schema, self.limits)
 
     async def _prompts(self, body: Any) -> tuple[list[tuple[int, ...]], ToolPlan | None]:
         """The prompts' token ids (off the loop), and how the request calls tools, if it does."""
@@ -405,6 +422,9 @@ class _GenerateResource(_Base):
             return
         except Exception as exc:
             # The stream has started: the error goes out as a last event in the same envelope.
+            reason = refusal_reason(exc)
+            if reason is not None:
+                self.metrics.refused.labels(reason).inc()
             yield SSEvent(text=_dumps(error_response(exc, request_id)[1]))
         yield SSEvent(text="[DONE]")
 
@@ -528,9 +548,11 @@ class CompletionsResource(_GenerateResource):
 def create_app(settings: ServerSettings, engine: Engine) -> DisconnectWatch:
     """Build the ASGI app around an engine (not yet started: the lifespan starts it)."""
     metrics = Metrics(engine)
-    app = falcon.asgi.App(middleware=[_Lifespan(engine), _RequestContext(settings.api_key, metrics)], cors_enable=False)
+    lifecycle = Lifecycle(engine, settings.drain_timeout_s)
+    policy = AuthPolicy(settings, lambda: lifecycle.draining)
+    app = falcon.asgi.App(middleware=[_Lifespan(lifecycle), _RequestContext(metrics), policy], cors_enable=False)
     app.req_options.strip_url_path_trailing_slash = True
-    deps = (settings, engine, metrics)
+    deps = (settings, engine, metrics, lifecycle)
     models = ModelsResource(*deps)
     app.add_route("/health", HealthResource(*deps))
     app.add_route("/metrics", MetricsResource(*deps))
@@ -539,4 +561,4 @@ def create_app(settings: ServerSettings, engine: Engine) -> DisconnectWatch:
     app.add_route("/v1/chat/completions", ChatCompletionsResource(*deps))
     app.add_route("/v1/completions", CompletionsResource(*deps))
     register_error_handlers(app)
-    return DisconnectWatch(app, settings.max_body_bytes)
+    return DisconnectWatch(app, settings.max_body_bytes, lifecycle)

@@ -130,6 +130,7 @@ def register_error_handlers(app: falcon.asgi.App) -> None:
     """Send every error, Falcon's own included, in OpenAI's envelope; each is mapped exactly once."""
 
     async def handle(req: falcon.asgi.Request, resp: falcon.asgi.Response, exc: BaseException, params: Any) -> None:
+        req.context.error = exc  # /metrics counts refusals by reason (aisandbox.http.policy.refusal_reason)
         status, body, headers = error_response(exc, getattr(req.context, "request_id", None))
         resp.status = status
         resp.media = body

@@ -89,6 +89,11 @@ class Generation:
         if self._stream is not None:
             await self._stream.aclose()
 
+    def cancel(self, exc: BaseException) -> None:
+        """End every unfinished choice in the engine; the consumer of `events()` gets `exc`."""
+        if self._stream is not None:
+            self._stream.cancel(exc)
+
     async def events(self) -> AsyncIterator[tuple[int, TextDelta]]:
         """Yield (choice index, text delta) until every choice has finished.
 

@@ -57,6 +57,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.refused = Counter(
+            "aisandbox_requests_refused",
+            "Requests refused, by reason (unauthorized, limit_<field>, overloaded, draining, ...).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.finished = Counter(
             "aisandbox_request_finished", "Finished choices by finish reason.", ["reason"], registry=self.registry
         )

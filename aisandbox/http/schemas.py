@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from aisandbox.errors import InvalidRequest, UnsupportedParameter
-from aisandbox.runtime.request import SamplingParams
+from aisandbox.runtime.request import GREEDY_BELOW_TEMPERATURE, SamplingParams
 from aisandbox.runtime.structured.logprobs import ShownLogprob
 from aisandbox.runtime.structured.tools.parsers import ContentEvent, ToolCallArguments, ToolCallStart, ToolEvent
 from aisandbox.runtime.structured.tools.specs import ToolCall, ToolChoice, ToolRequest, ToolSpec
@@ -202,7 +202,8 @@ class _SamplingFields(_Strict):
     n: Annotated[StrictInt, Field(ge=1, le=128)] = 1
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: str | list[str] | None = None
+    """Up to `max_stop_strings` (a setting, 4 by default) strings; checked by `aisandbox.http.policy`."""
     seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)] | None = None  # int64, as OpenAI documents it
     user: str | None = None
     frequency_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = None
@@ -301,6 +302,8 @@ class _SamplingFields(_Strict):
                 and the response stays reproducible.
         """
         temperature = 1.0 if self.temperature is None else self.temperature
+        if temperature < GREEDY_BELOW_TEMPERATURE:
+            temperature = 0.0  # dividing logits by 1e-40 overflows them; vLLM treats it as greedy too
         if self.min_tokens > max_tokens:
             raise InvalidRequest(
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({max_tokens}).",

@@ -11,7 +11,11 @@ from aisandbox.runtime.structured.grammar import CompiledGrammar
 from aisandbox.runtime.structured.tools.plan import ToolPlan
 from aisandbox.runtime.types import GrammarSpec
 
-__all__ = ["GenerationRequest", "SamplingParams"]
+__all__ = ["GREEDY_BELOW_TEMPERATURE", "GenerationRequest", "SamplingParams"]
+
+
+GREEDY_BELOW_TEMPERATURE = 1e-5
+"""A temperature below this samples greedily: dividing logits by a tinier one overflows them (as vLLM)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +25,7 @@ class SamplingParams:
     max_tokens: int
     """Most tokens to generate; always set (the HTTP layer defaults it to the rest of the context)."""
     temperature: float = 1.0
-    """0 means greedy."""
+    """0 (anything below GREEDY_BELOW_TEMPERATURE) means greedy."""
     top_p: float = 1.0
     top_k: int = 0
     """0 disables top-k."""
@@ -55,7 +59,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         """Whether sampling reduces to argmax."""
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_k == 1
 
 
 @dataclass(frozen=True, slots=True)

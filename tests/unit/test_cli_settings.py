@@ -32,7 +32,7 @@ def test_engine_selects_trtllm_and_excludes_model(tmp_path: Path) -> None:
 
 def test_gunicorn_uses_uvicorn_workers_without_preload() -> None:
     argv = gunicorn_argv(ServerSettings(workers=2, port=1234, host="127.0.0.1"))
-    assert "uvicorn_worker.UvicornWorker" in argv and "--preload" not in argv
+    assert "aisandbox.gunicorn_hooks.Worker" in argv and "--preload" not in argv
     assert argv[argv.index("--workers") + 1] == "2" and argv[argv.index("--bind") + 1] == "127.0.0.1:1234"
 
 
