@@ -560,5 +560,6 @@ def create_app(settings: ServerSettings, engine: Engine) -> DisconnectWatch:
     app.add_route("/v1/models/{model_id:path}", models, suffix="one")
     app.add_route("/v1/chat/completions", ChatCompletionsResource(*deps))
     app.add_route("/v1/completions", CompletionsResource(*deps))
+    app.add_sink(policy.unrouted)  # deny by default: an unknown path needs the key before it gets its 404
     register_error_handlers(app)
     return DisconnectWatch(app, settings.max_body_bytes, lifecycle)

@@ -231,10 +231,18 @@ class AuthPolicy:
     async def process_resource(
         self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: object, params: dict[str, Any]
     ) -> None:
-        route = req.uri_template if resource is not None else None
+        route = req.uri_template
+        self._authenticate(req, route)
+        if route not in PUBLIC_ROUTES and route != METRICS_ROUTE and self._draining():
+            raise ServerShuttingDown()
+
+    async def unrouted(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, **kwargs: Any) -> None:
+        """The sink of every path no route matched (Falcon runs no `process_resource` for those): 401 first."""
+        self._authenticate(req, None)
+        raise falcon.HTTPNotFound()
+
+    def _authenticate(self, req: falcon.asgi.Request, route: str | None) -> None:
         if self._expected is not None and not self._public(route):
             token = (req.get_header("Authorization") or "").encode()
             if not hmac.compare_digest(token, self._expected):
                 raise Unauthorized()
-        if resource is not None and route not in PUBLIC_ROUTES and route != METRICS_ROUTE and self._draining():
-            raise ServerShuttingDown()
