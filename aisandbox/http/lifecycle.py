@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -120,6 +121,10 @@ class Lifecycle:
             await asyncio.sleep(_WATCH_INTERVAL_S)
             state = self.engine.health().state
             if state is EngineState.READY:
+                if not served:
+                    # The model's objects live as long as the worker: keep the cyclic GC from scanning them on
+                    # every collection (fewer, shorter pauses on the event loop).
+                    gc.freeze()
                 served = True
             elif state is EngineState.DEAD and served and not self.draining:
                 log.error("the engine died while serving: this worker exits so that a fresh one starts")
