@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 from types import FrameType
 from typing import Any
@@ -48,7 +49,7 @@ class Worker(UvicornWorker):  # type: ignore[misc]  # uvicorn_worker ships no ty
 
     uvicorn alone, on SIGTERM, stops accepting and waits for every connection to close before the ASGI lifespan
     shutdown runs, so a stream longer than gunicorn's graceful timeout was killed with no final event. Here the
-    first SIGTERM (or SIGINT) runs the app's drain (`aisandbox.http.lifecycle`) first, which ends every stream
+    first SIGTERM runs the app's drain (`aisandbox.http.lifecycle`) first, which ends every stream
     properly by `drain_timeout_s`; uvicorn's own shutdown follows. A worker whose engine died exits with
     status 1 (not gunicorn's boot-error 3, which would stop the master), so the master starts a fresh one.
     """
@@ -80,7 +81,8 @@ class _DrainingServer(Server):
         self._draining: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._lifecycle is None or self._draining is not None or self.should_exit:
+        # SIGTERM drains; SIGINT and SIGQUIT are gunicorn's quick shutdown, and a second signal stops at once.
+        if sig != signal.SIGTERM or self._lifecycle is None or self._draining is not None or self.should_exit:
             super().handle_exit(sig, frame)
             return
         try:
