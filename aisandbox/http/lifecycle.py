@@ -42,6 +42,10 @@ _FLUSH_S = 5.0
 """After the drain deadline: how long the ended requests get to send their last event."""
 
 
+def _ended() -> ServerShuttingDown:
+    return ServerShuttingDown("The server is shutting down; the request was ended.")
+
+
 class Lifecycle:
     """The app's running requests, its drain, and the engine watch."""
 
@@ -53,6 +57,8 @@ class Lifecycle:
         """The engine died after it had served: the worker should exit non-zero."""
         self.on_fatal: Callable[[], None] | None = None
         """Set by the gunicorn worker: asks the server to stop (the worker then exits non-zero)."""
+        self._ended = False
+        """The drain deadline has passed: a request that submits now (it was tokenizing) ends at once."""
         self._active: set[Generation] = set()
         self._idle: asyncio.Event | None = None
         self._drained: asyncio.Task[None] | None = None
@@ -84,6 +90,8 @@ class Lifecycle:
             self._idle.clear()
         if disconnect is not None:
             disconnect.add(lambda: self.untrack(gen))
+        if self._ended:
+            gen.cancel(_ended())
 
     def untrack(self, gen: Generation) -> None:
         """`gen`'s request has ended."""
@@ -104,11 +112,12 @@ class Lifecycle:
         if self._active and self._idle is not None and timeout_s > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout_s)
+        self._ended = True
         left = list(self._active)
         if left:
             log.warning("drain deadline: ending %d requests with server_shutting_down", len(left))
             for gen in left:
-                gen.cancel(ServerShuttingDown("The server is shutting down; the request was ended."))
+                gen.cancel(_ended())
             if self._idle is not None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._idle.wait(), _FLUSH_S)

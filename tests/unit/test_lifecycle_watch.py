@@ -46,3 +46,27 @@ async def test_engine_dead_after_serving_asks_the_worker_to_exit(monkeypatch: An
 async def test_engine_that_never_loaded_keeps_the_worker(monkeypatch: Any) -> None:
     life, calls = await _watch([EngineState.LOADING, EngineState.DEAD], monkeypatch)
     assert not life.engine_failed and calls == []
+
+
+async def test_a_request_that_submits_after_the_drain_deadline_ends_at_once() -> None:
+    from aisandbox.errors import ServerShuttingDown
+
+    engine: Any = FakeEngine([EngineState.READY])
+    life = Lifecycle(engine, drain_timeout_s=0.0)
+
+    class Gen:
+        ended: BaseException | None = None
+
+        def cancel(self, exc: BaseException) -> None:
+            self.ended = exc
+            life.untrack(self)  # type: ignore[arg-type]  # its request ends
+
+    await life.startup()
+    early: Any = Gen()
+    life.track(early, None)
+    await life.drain()
+    assert isinstance(early.ended, ServerShuttingDown)
+    late: Any = Gen()  # it was tokenizing while the drain ran
+    life.track(late, None)
+    assert isinstance(late.ended, ServerShuttingDown)
+    await life.shutdown()
