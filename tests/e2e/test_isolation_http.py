@@ -9,7 +9,9 @@ makes a stream last as long as asked. Timings are bounds with room for a loaded 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -119,3 +121,27 @@ def test_sigterm_ends_a_long_stream_with_an_error_event_then_exits(tiny_mistral_
     assert exited - sigterm < 2 + 15  # inside gunicorn's graceful timeout (drain + 15)
     log = server.log.read_text()
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_a_worker_whose_engine_died_exits_and_is_replaced(tiny_mistral_dir: Path, tmp_path: Path) -> None:
+    from aisandbox.serve import gunicorn_argv, settings_env
+    from aisandbox.settings import ServerSettings
+    from tests.conftest import free_port
+
+    settings = ServerSettings(host="127.0.0.1", port=free_port(), model=tiny_mistral_dir, null_engine=True)
+    argv = [a if a != "aisandbox.http.asgi:app" else "tests.e2e.dying_app:app" for a in gunicorn_argv(settings)]
+    log = tmp_path / "gunicorn.log"
+    env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = Server(proc, settings.port, "tiny", log)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and log.read_text().count("Booting worker") < 2:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        text = log.read_text()
+        assert "the engine died while serving" in text and "exited with code 1" in text, text[-3000:]
+        assert text.count("Booting worker") >= 2  # gunicorn started a fresh worker
+    finally:
+        assert server.stop(timeout_s=60) == 0
