@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -250,9 +250,7 @@ class HFTokenizer:
             chat = fallback_messages(messages, tools)
         text = self._render(chat, kwargs)
         special = self._special_pattern()
-        if special is not None and any(
-            isinstance(m.get("content"), str) and special.search(m["content"]) for m in chat
-        ):
+        if special is not None and any(special.search(t) for t in _strings((chat, kwargs))):
             return self._encode_user_text(chat, kwargs, special)
         # The template already holds the special tokens (BOS included), as vLLM encodes it.
         return list(self._tok.encode(text, add_special_tokens=False))
@@ -280,38 +278,47 @@ class HFTokenizer:
     def _encode_user_text(
         self, chat: list[dict[str, Any]], kwargs: dict[str, Any], special: re.Pattern[str]
     ) -> list[int]:
-        """Encode a conversation whose message texts hold special-token strings: those stay text.
+        """Encode a conversation whose client text holds special-token strings: those stay text.
 
-        The template is rendered with a random marker in place of each message's content, so the special tokens
-        of the rendering that come from the template are known; the contents go back in as plain text spans,
-        and only special-token strings outside those spans become control tokens. Each stretch between two
-        control tokens is encoded with special-token matching off, which is what the tokenizer does anyway
-        for text that holds none.
+        Every special-token string in the client's data (message content, tool calls, tool definitions) is
+        swapped for a random ASCII marker before the template renders, so every special token left in the
+        rendering is the template's own. The markers then go back to their text as spans that are tokenized
+        with special-token matching off; everything else is tokenized as the tokenizer always does (it splits at
+        special tokens anyway), so a text that holds none is encoded as before.
+
+        Raises:
+            InvalidRequest: The template changed a marker (it transforms the text it renders), so the text
+                could not be kept as text.
         """
         nonce = secrets.token_hex(8)
-        contents: list[str] = []
-        marked_chat = []
-        for m in chat:
-            content = m.get("content")
-            if isinstance(content, str):
-                m = {**m, "content": f"\ue000{nonce}:{len(contents)}\ue001"}
-                contents.append(content)
-            marked_chat.append(m)
-        parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", self._render(marked_chat, kwargs))
+        hidden: list[str] = []
+
+        def hide(match: re.Match[str]) -> str:
+            hidden.append(match.group())
+            return f"[[{nonce}:{len(hidden) - 1}]]"
+
+        rendered = self._render(_replace_strings(chat, special, hide), _replace_strings(kwargs, special, hide))
+        parts = re.split(rf"\[\[{nonce}:(\d+)\]\]", rendered)
+        if len(parts) // 2 != len(hidden) or nonce in "".join(parts[::2]):
+            raise InvalidRequest(
+                "This model's chat template transforms message text, so special-token text in the messages "
+                "cannot be kept as plain text; remove it.",
+                param="messages",
+            )
         full, spans = "", []
         for i, part in enumerate(parts):
             if i % 2 == 0:
                 full += part
             else:
                 start = len(full)
-                full += contents[int(part)]
+                full += hidden[int(part)]
                 spans.append((start, len(full)))
         ids: list[int] = []
         at = 0
         for match in special.finditer(full):
             start, end = match.span()
             if any(s < end and start < e for s, e in spans):
-                continue  # a user's text: stays text
+                continue  # the client's text: stays text
             ids += self._tok.encode(full[at:start], add_special_tokens=False, split_special_tokens=True)
             ids.append(int(self._tok.convert_tokens_to_ids(match.group())))
             at = end
@@ -459,6 +466,29 @@ class MistralCommonTokenizer:
             else:
                 pieces.append(_sentencepiece_bytes(sp.id_to_piece(i)))
         return _checked(self, ByteTable(tuple(pieces), strip_first_space=True))
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string inside nested dicts, lists and tuples."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
+
+
+def _replace_strings(value: Any, pattern: re.Pattern[str], repl: Callable[[re.Match[str]], str]) -> Any:
+    """`value` with `pattern` replaced in every string inside nested dicts, lists and tuples."""
+    if isinstance(value, str):
+        return pattern.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: _replace_strings(v, pattern, repl) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_replace_strings(v, pattern, repl) for v in value]
+    return value
 
 
 def _byte_level_decoder() -> dict[str, int]:
