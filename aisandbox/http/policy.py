@@ -236,7 +236,7 @@ class AuthPolicy:
         if route not in PUBLIC_ROUTES and route != METRICS_ROUTE and self._draining():
             raise ServerShuttingDown()
 
-    async def unrouted(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, **kwargs: Any) -> None:
+    async def unrouted(self, req: falcon.asgi.Request, resp: falcon.asgi.Response | None, **kwargs: Any) -> None:
         """The sink of every path no route matched (Falcon runs no `process_resource` for those): 401 first."""
         self._authenticate(req, None)
         raise falcon.HTTPNotFound()

@@ -106,3 +106,10 @@ def test_refusal_reasons() -> None:
         "limit_response_format_json_schema_schema"
     )
     assert refusal_reason(InvalidRequest("bad")) is None
+
+
+def test_tiny_temperatures_are_greedy_on_trtllm_too() -> None:
+    from aisandbox.runtime.trtllm.backend import sampling_kwargs
+
+    kwargs = sampling_kwargs(SamplingParams(max_tokens=8, temperature=1e-40), (2,), seed=1)
+    assert kwargs["top_k"] == 1 and "temperature" not in kwargs

@@ -320,7 +320,7 @@ class HFTokenizer:
             if any(s < end and start < e for s, e in spans):
                 continue  # the client's text: stays text
             ids += self._tok.encode(full[at:start], add_special_tokens=False, split_special_tokens=True)
-            ids.append(int(self._tok.convert_tokens_to_ids(match.group())))
+            ids.append(int(self._tok.convert_tokens_to_ids(match.group())))  # type: ignore[arg-type]  # one token: one id
             at = end
         ids += self._tok.encode(full[at:], add_special_tokens=False, split_special_tokens=True)
         return ids
