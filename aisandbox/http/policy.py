@@ -36,6 +36,7 @@ __all__ = [
     "AuthPolicy",
     "LimitExceeded",
     "Limits",
+    "OutOfVocabulary",
     "check_json",
     "check_prompt_tokens",
     "check_request",
@@ -123,14 +124,18 @@ def check_prompt_tokens(tokens: int, limits: Limits, param: str) -> None:
         )
 
 
+class OutOfVocabulary(InvalidRequest):
+    """Token ids outside the model's vocabulary (a 400 naming the field)."""
+
+    def __init__(self, param: str, bad: Sequence[int], vocab_size: int) -> None:
+        message = f"{param} has token ids outside the vocabulary (0..{vocab_size - 1}): {list(bad[:5])}"
+        super().__init__(message, param=param, code="invalid_value")
+
+
 def _check_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
     bad = sorted({t for t in ids if not 0 <= t < vocab_size})
     if bad:
-        raise InvalidRequest(
-            f"{param} has token ids outside the vocabulary (0..{vocab_size - 1}): {bad[:5]}",
-            param=param,
-            code="invalid_value",
-        )
+        raise OutOfVocabulary(param, bad, vocab_size)
 
 
 def check_request(body: Any, limits: Limits, vocab_size: int) -> None:
@@ -205,7 +210,7 @@ def refusal_reason(exc: BaseException) -> str | None:
         return "engine_dead"
     if isinstance(exc, EngineNotReady):
         return "not_ready"
-    if isinstance(exc, InvalidRequest) and exc.param in ("stop_token_ids", "logit_bias"):
+    if isinstance(exc, OutOfVocabulary):
         return f"vocab_{exc.param}"
     return None
 
