@@ -111,6 +111,7 @@ def test_sigterm_ends_a_long_stream_with_an_error_event_then_exits(tiny_mistral_
     assert health.status_code == 503 and health.json()["status"] == "draining"
     reader.join(60)
     status = server.stop(timeout_s=60)
+    assert ended, "the stream did not end"
     exited = time.monotonic()
     print(f"SIGTERM -> stream ended {ended[0] - sigterm:.2f} s, server exited {exited - sigterm:.2f} s")
     assert lines[-1] == "[DONE]"
