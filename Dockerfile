@@ -20,12 +20,14 @@ WORKDIR /opt/aisandbox
 # version of torch, transformers, numpy, pydantic ... fails the build here instead of breaking tensorrt_llm.
 RUN python3 -m pip list --format=freeze > /opt/image-constraints.txt
 
-# xgrammar: the image's own (TensorRT-LLM uses it); grammars are compiled here too, to refuse a bad schema with a 400
-# before submit. Tool-call structural tags with token formats need xgrammar 0.2 (unverified in the 1.2.1 image).
+# xgrammar: the version TensorRT-LLM 1.2.1 pins (requirements.txt) and its C++ executor runs, the same one
+# pyproject pins, so every grammar the CPU tests compile is compiled here by the same code (tests check they agree).
+# The constraints file makes the build fail if the image ever shipped another one.
+ARG XGRAMMAR_VERSION=0.1.25
 RUN python3 -m pip install -c /opt/image-constraints.txt \
         "falcon>=4.0,<5" "gunicorn>=23" "uvicorn>=0.30" "uvicorn-worker>=0.2" "pydantic-settings>=2.3" \
         "prometheus-client>=0.20" "mistral-common>=1.5" "gguf>=0.10" "httpx>=0.27" "pyyaml>=6" "nvidia-ml-py>=12" \
-        "jsonschema>=4.20" xgrammar
+        "jsonschema>=4.20" "xgrammar==${XGRAMMAR_VERSION}"
 
 COPY pyproject.toml README.md ./
 COPY configs ./configs

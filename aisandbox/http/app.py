@@ -43,7 +43,7 @@ from aisandbox.runtime.request import GenerationRequest, SamplingParams
 from aisandbox.runtime.structured.logprobs import ShownLogprob
 from aisandbox.runtime.structured.tools.plan import ToolPlan, plan_tools
 from aisandbox.runtime.structured.tools.specs import ToolCall
-from aisandbox.runtime.types import GrammarSpec, TextDelta
+from aisandbox.runtime.types import TextDelta
 from aisandbox.settings import ServerSettings
 
 __all__ = ["DISCONNECT_KEY", "create_app"]
@@ -441,19 +441,18 @@ class ChatCompletionsResource(_GenerateResource):
         tools = body.tool_request()
         ids = await self.engine.encode_chat(body.conversation(with_tools=True), tools)
         plan = plan_tools(self.engine.tokenizer, tools)
-        if plan is not None and plan.grammar is not None and body.grammar_spec() is not None:
+        if plan is not None and body.grammar_spec() is not None:
             raise UnsupportedParameter(
                 "response_format", "response_format (or a guided_* grammar) cannot be combined with active tools."
             )
-        return [tuple(ids)], plan
+        return [(*ids, *plan.prompt_suffix) if plan is not None else tuple(ids)], plan
 
     def _sampling(self, sampling: SamplingParams, tools: ToolPlan | None) -> SamplingParams:
         if tools is None or tools.grammar is None:
             return sampling
         # Calls are constrained by guided decoding: the arguments follow each function's schema, and with
-        # `required` or a named function the answer is a call.
-        spec = GrammarSpec("structural_tag", json.dumps(tools.grammar, separators=(",", ":")))
-        return replace(sampling, guided=spec)
+        # `required` or a named function the answer is the call and ends there.
+        return replace(sampling, guided=tools.grammar)
 
     def _response(
         self, rid: str, created: int, choices: list[_Choice], reasons: list[str], use: dict[str, int], logprobs: bool

@@ -43,7 +43,7 @@ class FinishReason(enum.StrEnum):
     """The model called tools (set by the tool-call text layer from STOP, never by a backend)."""
 
 
-GrammarKind = Literal["json_object", "json_schema", "regex", "ebnf", "structural_tag"]
+GrammarKind = Literal["json_object", "json_schema", "regex", "ebnf", "structural_tag", "tool_calls"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,13 +51,16 @@ def _args(call: Any) -> dict[str, Any]:
 
 
 def test_required_forces_a_valid_call(client: openai.OpenAI, server: Server, openapi_validate: Validate) -> None:
+    # parallel_tool_calls false: with more calls allowed, the 135M default model (never trained on tools) keeps
+    # writing calls after the first until max_tokens, which the grammar allows (README, "Function calling").
     raw = client.chat.completions.with_raw_response.create(
         model=server.model, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=80,
-        temperature=0,
+        temperature=0, parallel_tool_calls=False,
     )  # fmt: skip
     openapi_validate(raw.http_response.json(), "CreateChatCompletionResponse")
     choice = raw.parse().choices[0]
     assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None  # a forced call ends at the call: no text after it
     calls = choice.message.tool_calls or []
     assert calls and calls[0].function.name in ("get_weather", "get_time")
     args = _args(calls[0])
@@ -87,11 +90,12 @@ def test_named_function_and_a_full_round_trip(client: openai.OpenAI, server: Ser
 
 def test_streamed_calls_are_assembled_by_the_sdk(client: openai.OpenAI, server: Server) -> None:
     with client.chat.completions.stream(
-        model=server.model, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=80, temperature=0
-    ) as stream:
-        for _ in stream:
-            pass
+        model=server.model, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=80, temperature=0,
+        parallel_tool_calls=False,
+    ) as stream:  # fmt: skip
+        contents = [e.delta for e in stream if e.type == "content.delta"]
         done = stream.get_final_completion()
+    assert not "".join(contents) and not done.choices[0].message.content  # nothing streamed after the call
     call = (done.choices[0].message.tool_calls or [])[0]
     assert done.choices[0].finish_reason == "tool_calls"
     assert call.function.name == "get_weather" and set(_args(call)) == {"city", "unit"}

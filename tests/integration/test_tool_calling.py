@@ -19,6 +19,7 @@ import jsonschema
 import pytest
 
 from aisandbox.http.schemas import ChatCompletionRequest, chat_chunk, chat_deltas, chat_response, usage
+from aisandbox.runtime.structured.grammar import grammar_compiler
 from aisandbox.runtime.structured.tools.parsers import ToolEvent
 from aisandbox.runtime.structured.tools.plan import ToolTextEnd, plan_tools
 from aisandbox.runtime.text.detokenizer import IncrementalDetokenizer
@@ -86,14 +87,14 @@ def generate(
     prompt = tok.encode_chat(request.conversation(with_tools=True), tools)
     plan = plan_tools(tok, tools)
     assert plan is not None and plan.grammar is not None
+    prompt = [*prompt, *plan.prompt_suffix]  # a forced Mistral call: [TOOL_CALLS] ends the prompt
     timings: dict[str, float] = {}
-    info = tokenizer_info(tok)
-    compiler = xgr.GrammarCompiler(info)
+    width = max(int(model.config.vocab_size), tok.vocab_size)
     t0 = time.perf_counter()
-    compiled = compiler.compile_structural_tag(json.dumps(plan.grammar))
+    compiled = grammar_compiler(tok, width, tok.eos_token_ids).compile(plan.grammar)  # as the engine compiles it
     timings["compile_s"] = time.perf_counter() - t0
-    matcher = xgr.GrammarMatcher(compiled)
-    bitmask = xgr.allocate_token_bitmask(1, info.vocab_size)
+    matcher = xgr.GrammarMatcher(compiled.compiled)
+    bitmask = xgr.allocate_token_bitmask(1, width)
     text_state = plan.new_text(IncrementalDetokenizer(tok, prompt), guided=True)
     events: list[ToolEvent] = []
     content = ""
@@ -180,9 +181,10 @@ def test_default_model_forced_call_parses(openapi_validate: Validate, choice: An
     path = Path(done.stdout.strip().splitlines()[-1])
     tok = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    events, _, end, timings = generate(model, tok, body(choice))
+    events, content, end, timings = generate(model, tok, body(choice))
     print(f"grammar compile {timings['compile_s'] * 1000:.1f} ms; mask {timings['mask_s_per_token'] * 1000:.2f} ms")
     assert end.finish_reason is FinishReason.TOOL_CALLS and not end.malformed, end
     assert len(end.calls) == 1
     jsonschema.validate(json.loads(end.calls[0].arguments_json), UNITS["function"]["parameters"])
+    assert content == "" and end.content is None  # a forced call ends at the call
     check_responses(openapi_validate, events, end)

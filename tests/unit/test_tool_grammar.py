@@ -10,6 +10,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from aisandbox.runtime.structured.grammar import grammar_compiler
 from aisandbox.runtime.structured.tools.grammar import (
     call_object_schema,
     forced_prefix,
@@ -17,6 +18,7 @@ from aisandbox.runtime.structured.tools.grammar import (
     tool_structural_tag,
 )
 from aisandbox.runtime.structured.tools.parsers import create_tool_parser
+from aisandbox.runtime.structured.tools.plan import plan_tools
 from aisandbox.runtime.structured.tools.specs import ToolChoice, ToolRequest, ToolSpec
 from aisandbox.runtime.text.tokenizer import HFTokenizer, MistralCommonTokenizer
 from tests.conftest import mistral_v3_tokenizer_file
@@ -74,7 +76,7 @@ def test_no_grammar_without_callable_tools() -> None:
     with pytest.raises(ValueError):
         tool_structural_tag(ToolRequest((WEATHER,), ToolChoice("none")), "hermes")
     with pytest.raises(ValueError):
-        tool_structural_tag(request("auto"), "mistral")  # no token id
+        tool_structural_tag(request("auto"), "mistral")  # [TOOL_CALLS] is a token: no 0.1.25 tag begins with one
 
 
 # ---- compiled and matched over real token ids ----
@@ -109,75 +111,70 @@ def mistral_output(tok: MistralCommonTokenizer, calls: list[dict[str, Any]] | No
     return ids
 
 
+class _MistralFormat:
+    tool_format = "mistral"
+    tool_call_token_id = 5
+
+
+def test_mistral_auto_has_no_grammar() -> None:
+    """`auto`: the model writes freely; the parser finds [TOOL_CALLS] by its token id."""
+    plan = plan_tools(_MistralFormat(), request("auto"))
+    assert plan is not None and plan.grammar is None and plan.prompt_suffix == ()
+
+
 @pytest.mark.parametrize(
     ("req", "accepted", "refused"),
     [
-        (request("required"), [[CALL_ADD], [CALL_ADD, CALL_WEATHER]], [None, []]),
+        (request("required"), [[CALL_ADD], [CALL_ADD, CALL_WEATHER]], [[]]),
         (request("required", parallel=False), [[CALL_WEATHER]], [[CALL_ADD, CALL_WEATHER]]),
-        (request("named", name="add"), [[CALL_ADD]], [[CALL_WEATHER], None]),
-        (request("auto"), [None, [CALL_ADD], [CALL_WEATHER, CALL_ADD]], [[{"name": "add", "arguments": {"a": 1}}]]),
+        (request("named", name="add"), [[CALL_ADD]], [[CALL_WEATHER]]),
     ],
 )
-def test_mistral_structural_tag(
-    mistral_setup: tuple[MistralCommonTokenizer, Any],
-    req: ToolRequest,
-    accepted: list[Any],
-    refused: list[Any],
+def test_mistral_forced_call_list_ends_at_the_call(
+    mistral_setup: tuple[MistralCommonTokenizer, Any], req: ToolRequest, accepted: list[Any], refused: list[Any]
 ) -> None:
-    tok, compiler = mistral_setup
-    compiled = compiler.compile_structural_tag(json.dumps(tool_structural_tag(req, "mistral", 5)))
+    """A forced call: [TOOL_CALLS] ends the prompt, the grammar takes the list as the model writes it ("▁[...]")
+    and then only EOS: no text after the call. Compiled as the torch backend compiles it."""
+    tok, _ = mistral_setup
+    plan = plan_tools(_MistralFormat(), req)
+    assert plan is not None and plan.prompt_suffix == (5,) and plan.grammar is not None
+    compiled = grammar_compiler(tok, tok.vocab_size, tok.eos_token_ids).compile(plan.grammar)
     eos = tok.eos_token_ids[0]
+
+    def takes(ids: list[int]) -> bool:
+        matcher = compiled.matcher()
+        return all(matcher.accept(t) for t in ids) and matcher.accept(eos) and matcher.is_terminated
+
     for calls in accepted:
-        assert accepts(compiled, mistral_output(tok, calls, "" if calls else "Hello"), eos), calls
+        ids = tok.encode_fragment(json.dumps(calls))
+        assert takes(ids), calls
+        assert not takes(ids + tok.encode_fragment(" The result comes back in a block.")), calls
+        parser = create_tool_parser("mistral", 5, [t.name for t in req.callable_tools], prefilled=True)
+        parser.feed(ids, tok.decode(ids))
+        assert [c.name for c in parser.finish().tool_calls] == [c["name"] for c in calls]
     for calls in refused:
-        assert not accepts(compiled, mistral_output(tok, calls, "Hello" if calls is None else ""), eos), calls
-
-
-@pytest.mark.parametrize("parallel", [True, False])
-def test_mistral_forced_prefix_and_parser(mistral_setup: tuple[MistralCommonTokenizer, Any], parallel: bool) -> None:
-    """Way B: the prompt ends with [TOOL_CALLS]; a grammar takes the list; the prefilled parser reads it."""
-    tok, compiler = mistral_setup
-    prefix = forced_prefix(tok)
-    assert prefix.token_ids == (5,) and prefix.text == ""
-    req = request("required", parallel)
-    output = tok.encode_fragment(json.dumps([CALL_ADD]))  # starts with "▁[", as the model writes it
-    tag = tool_structural_tag(req, "mistral", prefilled=True)
-    assert accepts(compiler.compile_structural_tag(json.dumps(tag)), output, tok.eos_token_ids[0])
-    two = tok.encode_fragment(json.dumps([CALL_ADD, CALL_ADD]))
-    assert accepts(compiler.compile_structural_tag(json.dumps(tag)), two, tok.eos_token_ids[0]) is parallel
-    # The JSON Schema alternative takes the list without the leading space.
-    matcher = xgr.GrammarMatcher(compiler.compile_json_schema(json.dumps(tool_calls_json_schema(req, "mistral"))))
-    assert matcher.accept_string(json.dumps([CALL_ADD])) and matcher.accept_token(tok.eos_token_ids[0])
-    parser = create_tool_parser("mistral", 5, [t.name for t in req.callable_tools], prefilled=True)
-    parser.feed(output, tok.decode(output))
-    assert [c.name for c in parser.finish().tool_calls] == ["add"]
-
-
-@pytest.mark.parametrize("parallel", [True, False])
-def test_hermes_prefilled_grammar(hermes_setup: tuple[HFTokenizer, Any], parallel: bool) -> None:
-    tok, compiler = hermes_setup
-    req = request("named", parallel, name="add")
-    compiled = compiler.compile_structural_tag(json.dumps(tool_structural_tag(req, "hermes", prefilled=True)))
-    one = hermes_text([CALL_ADD]).removeprefix("<tool_call>\n")
-    two = hermes_text([CALL_ADD, CALL_ADD]).removeprefix("<tool_call>\n")
-    eos = tok.eos_token_ids[0]
-    assert accepts(compiled, tok.encode_fragment(one), eos)
-    assert accepts(compiled, tok.encode_fragment(two), eos) is parallel
-    assert not accepts(compiled, tok.encode_fragment(hermes_text([CALL_WEATHER]).removeprefix("<tool_call>\n")), eos)
-    with pytest.raises(ValueError):
-        tool_structural_tag(request("auto"), "hermes", prefilled=True)
+        assert not takes(tok.encode_fragment(json.dumps(calls))), calls
+    assert not takes(tok.encode_fragment("Hello"))
 
 
 def hermes_text(calls: list[dict[str, Any]], text: str = "") -> str:
-    return text + "".join(f"<tool_call>\n{json.dumps(c)}\n</tool_call>" for c in calls)
+    return text + "\n".join(f"<tool_call>\n{json.dumps(c)}\n</tool_call>" for c in calls)
 
 
 @pytest.mark.parametrize(
     ("req", "accepted", "refused"),
     [
-        (request("required"), [hermes_text([CALL_ADD]), hermes_text([CALL_ADD, CALL_WEATHER])], ["Hello"]),
+        (
+            request("required"),
+            [hermes_text([CALL_ADD]), hermes_text([CALL_ADD, CALL_WEATHER])],
+            ["Hello", hermes_text([CALL_ADD], "Sure. "), hermes_text([CALL_ADD]) + " The result comes back."],
+        ),
         (request("required", parallel=False), [hermes_text([CALL_WEATHER])], [hermes_text([CALL_ADD, CALL_ADD])]),
-        (request("named", name="add"), [hermes_text([CALL_ADD])], [hermes_text([CALL_WEATHER])]),
+        (
+            request("named", name="add"),
+            [hermes_text([CALL_ADD])],
+            [hermes_text([CALL_WEATHER]), hermes_text([CALL_ADD]) + "\nDone."],
+        ),
         (
             request("auto"),
             ["Hello", hermes_text([CALL_ADD], "Sure. "), hermes_text([{"name": "now", "arguments": {}}])],

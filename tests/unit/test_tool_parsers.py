@@ -328,8 +328,19 @@ def _plan(fmt: str, choice: str = "auto", parallel: bool = True) -> ToolPlan:
 
     tools = ToolRequest((ToolSpec("add"), ToolSpec("get_weather")), ToolChoice(choice), parallel)  # type: ignore[arg-type]
     plan = plan_tools(SimpleNamespace(tool_format=fmt, tool_call_token_id=TC), tools)  # type: ignore[arg-type]
-    assert plan is not None and plan.grammar is not None
+    assert plan is not None and (plan.grammar is not None) is (fmt != "mistral" or choice != "auto")
     return plan
+
+
+def test_forced_mistral_plan_prefills_the_call_prefix() -> None:
+    plan = _plan("mistral", "required", parallel=False)
+    assert plan.prompt_suffix == (TC,) and plan.grammar is not None and plan.grammar.kind == "tool_calls"
+    assert json.loads(plan.grammar.source)["maxItems"] == 1
+    state = plan.new_text(_FlushDetok(), guided=True)
+    text, events = state.add([ord(c) for c in f" [{ADD}]"])
+    end = state.finish(FinishReason.STOP)
+    assert text + end.text == "" and end.content is None and [c.name for c in end.calls] == ["add"]
+    assert end.finish_reason is FinishReason.TOOL_CALLS
 
 
 def test_plan_is_none_without_callable_tools() -> None:

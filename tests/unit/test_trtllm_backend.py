@@ -6,6 +6,7 @@ import asyncio
 import importlib.resources
 import shutil
 import sys
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,12 +294,72 @@ def test_a_failed_executor_kills_the_engine(tmp_path: Path) -> None:
         await engine.start()
         await engine.wait_ready(10)
         runner.fail_with = RuntimeError("LLM is shutting down")
-        with pytest.raises(EngineDead):
-            engine.submit(request())
-        await asyncio.sleep(0)
+        with pytest.raises((EngineDead, EngineError)):  # raised on the submit thread, ends the request
+            await collect(engine, engine.submit(request()))
         assert engine.health().state is EngineState.DEAD
         with pytest.raises(EngineDead):
             engine.submit(request())
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_blocking_generate_async_never_stalls_the_event_loop(tmp_path: Path) -> None:
+    """1.2's generate_async blocks its caller; it runs on the submit thread while the loop keeps serving."""
+
+    class SlowRunner(FakeRunner):
+        def generate(self, prompt_token_ids: list[int], sampling: dict[str, Any]) -> FakeOutput:
+            time.sleep(0.5)
+            return super().generate(prompt_token_ids, sampling)
+
+    runner = SlowRunner([Step([10]), Step([11], "length")])
+
+    async def main() -> None:
+        engine = make_engine(tmp_path, runner)
+        await engine.start()
+        await engine.wait_ready(10)
+        t0 = time.perf_counter()
+        streams = [engine.submit(request(f"r{i}")) for i in range(2)]
+        submitted = time.perf_counter() - t0
+        gaps = []
+        for _ in range(20):  # the loop ticks (as /health would be answered) while both submits block
+            t1 = time.perf_counter()
+            await asyncio.sleep(0.01)
+            gaps.append(time.perf_counter() - t1)
+            assert engine.health().ready
+        assert submitted < 0.1 and max(gaps) < 0.2, (submitted, max(gaps))
+        for i, stream in enumerate(streams):
+            await collect(engine, stream, f"r{i}")
+        assert len(runner.calls) == 2  # one submit thread, in order
+        print(
+            f"submit {submitted * 1000:.2f} ms for two 500 ms generate_async calls;"
+            f" loop gap max {max(gaps) * 1000:.1f} ms"
+        )
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_an_abort_while_submitting_aborts_the_output(tmp_path: Path) -> None:
+    class SlowRunner(FakeRunner):
+        def generate(self, prompt_token_ids: list[int], sampling: dict[str, Any]) -> FakeOutput:
+            time.sleep(0.3)
+            return super().generate(prompt_token_ids, sampling)
+
+    runner = SlowRunner([Step([10])])
+
+    async def main() -> None:
+        engine = make_engine(tmp_path, runner)
+        await engine.start()
+        await engine.wait_ready(10)
+        stream = engine.submit(request())
+        await stream.aclose()
+        for _ in range(100):
+            if runner.outputs and runner.outputs[0].aborted:
+                break
+            await asyncio.sleep(0.01)
+        assert runner.outputs[0].aborted
+        assert engine.stats().running == 0
         await engine.shutdown()
 
     asyncio.run(main())

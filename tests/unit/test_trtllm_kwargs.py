@@ -512,8 +512,6 @@ def test_logit_bias_needs_the_vocab_size() -> None:
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        (GrammarSpec("json_object"), {"json_object": True}),
-        (GrammarSpec("json_schema", '{"type":"object"}'), {"json": '{"type":"object"}'}),
         (GrammarSpec("regex", "a+"), {"regex": "a+"}),
         (GrammarSpec("ebnf", 'root ::= "a"'), {"grammar": 'root ::= "a"'}),
         (GrammarSpec("structural_tag", '{"type":"structural_tag"}'), {"structural_tag": '{"type":"structural_tag"}'}),
@@ -524,6 +522,43 @@ def test_grammars_become_guided_decoding_params(spec: GrammarSpec, expected: dic
     assert set(kwargs) <= SAMPLING_PARAMS
     assert kwargs["guided_decoding"] == expected
     assert set(kwargs["guided_decoding"]) <= GUIDED_DECODING_PARAMS
+
+
+@pytest.mark.parametrize(
+    ("spec", "good", "bad"),
+    [
+        (GrammarSpec("json_object"), ['{"a": [1, 2]}'], ["[1, 2]", '"text"', "1", "{" + " " * 40 + "}"]),
+        (
+            GrammarSpec("json_schema", '{"type":"object","properties":{"n":{"type":"integer"}},"required":["n"]}'),
+            ['{"n": 3}'],
+            ['{"n": "3"}', '{"n": 3, "extra": 1}', '{"n":' + "\n" * 40 + "3}"],
+        ),
+        (
+            GrammarSpec("json_schema", '{"type":"object","properties":{"n":{"type":"integer"}}}', strict=False),
+            ['{"n": 3, "extra": 1}'],
+            ["[1]"],
+        ),
+        (
+            GrammarSpec("tool_calls", '{"type":"array","items":{"type":"integer"},"maxItems":1}'),
+            [" [1]", "[2]"],
+            ["[1, 2]"],
+        ),
+    ],
+)
+def test_json_specs_go_as_our_own_grammar(spec: GrammarSpec, good: list[str], bad: list[str]) -> None:
+    """The executor's JSON path would use xgrammar's defaults (any JSON value for json_object, unbounded whitespace,
+    always strict): every JSON spec goes as the EBNF we compile on CPU, which the pinned xgrammar accepts back."""
+    xgr = pytest.importorskip("xgrammar")
+    kwargs = sampling_kwargs(SamplingParams(max_tokens=8, guided=spec), (2,), seed=1)
+    assert set(kwargs["guided_decoding"]) == {"grammar"} and set(kwargs) <= SAMPLING_PARAMS
+    grammar = xgr.Grammar.from_ebnf(kwargs["guided_decoding"]["grammar"])
+    info = xgr.TokenizerInfo([chr(c) for c in range(32, 127)] + ["\n", "</s>"], stop_token_ids=[96])
+    compiled = xgr.GrammarCompiler(info).compile_grammar(grammar)
+    for text in good:
+        assert xgr.GrammarMatcher(compiled).accept_string(text), text
+    for text in bad:
+        matcher = xgr.GrammarMatcher(compiled)
+        assert not (matcher.accept_string(text) and matcher.accept_token(96)), text
 
 
 def test_a_grammar_on_an_engine_without_xgrammar_is_a_400() -> None:

@@ -19,6 +19,7 @@ special tokens such as `<|im_start|>` can never appear inside a guided string.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -42,6 +43,7 @@ __all__ = [
     "GrammarMatcher",
     "GrammarSpec",
     "compile_grammar",
+    "executor_ebnf",
     "grammar_compiler",
     "mask_logits",
 ]
@@ -52,11 +54,20 @@ ERROR_PARAMS: dict[str, str] = {
     "regex": "guided_regex",
     "ebnf": "guided_grammar",
     "structural_tag": "tools",
+    "tool_calls": "tools",
 }
 """The request field each kind of grammar comes from, named in a compile error."""
 
 _MAX_WHITESPACE = 16
 """Most whitespace characters in a row inside guided JSON: small models otherwise loop on newlines."""
+
+_WHAT = {
+    "json_object": "JSON object",
+    "json_schema": "JSON schema",
+    "tool_calls": "tool schema",
+    "regex": "regex",
+    "ebnf": "grammar",
+}
 
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+?:\d+: (Check failed: \(.*?\) is false: )?")
 
@@ -161,16 +172,8 @@ class GrammarCompiler:
     def _compile(self, spec: GrammarSpec) -> xgrammar.CompiledGrammar:
         param = ERROR_PARAMS.get(spec.kind, "response_format")
         try:
-            if spec.kind == "json_object":
-                # OpenAI's json_object is an object (xgrammar's builtin JSON grammar also allows arrays).
-                return self._compiler.compile_json_schema(
-                    '{"type": "object"}', strict_mode=False, max_whitespace_cnt=_MAX_WHITESPACE
-                )
-            if spec.kind == "json_schema":
-                schema = _parse_schema(spec.source, param)
-                return self._compiler.compile_json_schema(
-                    json.dumps(schema), strict_mode=spec.strict, max_whitespace_cnt=_MAX_WHITESPACE
-                )
+            if spec.kind in _JSON_KINDS:
+                return self._compiler.compile_grammar(_json_grammar(spec))
             if spec.kind == "regex":
                 return self._compiler.compile_regex(spec.source)
             if spec.kind == "ebnf":
@@ -178,11 +181,60 @@ class GrammarCompiler:
             if spec.kind == "structural_tag":  # tool calls (aisandbox.runtime.structured.tools.grammar), JSON text
                 return self._compiler.compile_structural_tag(spec.source)
         except (RuntimeError, ValueError) as exc:
-            what = {"json_schema": "JSON schema", "regex": "regex", "ebnf": "grammar"}.get(spec.kind, "format")
+            what = _WHAT.get(spec.kind, "format")
             raise InvalidRequest(
                 f"Invalid or unsupported {what}: {_clean_error(exc)}", param=param, code="invalid_value"
             ) from exc
         raise InvalidRequest(f"Unknown grammar kind '{spec.kind}'.", param=param)
+
+
+_JSON_OBJECT = '{"type": "object"}'
+
+
+_JSON_KINDS = ("json_object", "json_schema", "tool_calls")
+
+
+def _json_grammar(spec: GrammarSpec) -> xgrammar.Grammar:
+    """The xgrammar Grammar of a JSON spec, with our settings.
+
+    json_object is an object (OpenAI's meaning; xgrammar's builtin JSON grammar also allows arrays and scalars);
+    whitespace runs are bounded (`_MAX_WHITESPACE`); `strict` is xgrammar's strict_mode. tool_calls (a forced
+    Mistral call list after `[TOOL_CALLS]`) may start with the one space the model writes there ("▁[").
+
+    Raises:
+        InvalidRequest: An invalid or unsupported schema (a 400 naming its field).
+    """
+    import xgrammar as xgr
+
+    param = ERROR_PARAMS[spec.kind]
+    source = _JSON_OBJECT if spec.kind == "json_object" else json.dumps(_parse_schema(spec.source, param))
+    try:
+        grammar = xgr.Grammar.from_json_schema(
+            source, strict_mode=spec.strict and spec.kind != "json_object", max_whitespace_cnt=_MAX_WHITESPACE
+        )
+        if spec.kind == "tool_calls":
+            grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= "" | " "'), grammar)
+    except (RuntimeError, ValueError) as exc:
+        raise InvalidRequest(
+            f"Invalid or unsupported {_WHAT[spec.kind]}: {_clean_error(exc)}", param=param, code="invalid_value"
+        ) from exc
+    return grammar
+
+
+@functools.lru_cache(maxsize=256)
+def executor_ebnf(spec: GrammarSpec) -> str:
+    """A JSON spec (json_object, json_schema, tool_calls) as the EBNF text of the grammar we compile ourselves.
+
+    For a backend whose executor compiles grammars itself (trtllm), sent as GuidedDecodingParams(grammar=...): it
+    carries our choices, which the executor's own JSON path drops (see `_json_grammar`).
+
+    Raises:
+        InvalidRequest: An invalid schema (a 400 naming its field).
+        ValueError: Not a JSON spec.
+    """
+    if spec.kind not in _JSON_KINDS:
+        raise ValueError(f"{spec.kind} is not a JSON spec")
+    return str(_json_grammar(spec))
 
 
 def _parse_schema(source: str, param: str) -> dict[str, Any]:

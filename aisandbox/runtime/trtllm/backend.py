@@ -8,7 +8,8 @@ This is the only runtime module that imports tensorrt_llm, and only inside `_Trt
   tensorrt_llm that is missing or >= 1.3 (which dropped the TensorRT backend). `serve --engine` calls it first.
 * `TrtllmBackend.start()` loads in a background thread (manifest check, tokenizer, `_tensorrt_engine.LLM` on the
   engine directory) while `health()` says LOADING; a failure leaves it DEAD with the reason.
-* `submit()` calls `LLM.generate_async(token_ids, SamplingParams(...), streaming=True)` on the event loop. The LLM
+* `submit()` calls `LLM.generate_async(token_ids, SamplingParams(...), streaming=True)` on one submit thread (it
+  blocks in 1.2: it re-reads the engine's config.json and waits for the worker's acknowledgement). The LLM
   API's executor batches in flight in its own process and delivers each step into an asyncio queue of the
   returned RequestOutput, so one task per request iterates it and forwards `token_ids_diff` to the request's
   collector; nothing here polls or blocks the loop.
@@ -42,13 +43,14 @@ What TensorRT-LLM 1.2 cannot do on the TensorRT engine path (so the torch backen
 * prompt logprobs (completions `echo` + `logprobs`) without an engine built with `gather_context_logits`
   (same check); and even then executor/result.py `compute_logprobs` returns only the top-k of each prompt
   position, without the prompt token's own logprob when it is not among them.
-* `response_format.json_schema.strict: false`: GuidedDecodingParams (sampling_params.py) has no strict flag,
-  so schemas are always compiled strictly.
+JSON schemas are not sent as `GuidedDecodingParams(json=...)` (no strict flag, xgrammar's default whitespace and
+json_object): `guided_decoding_kwargs` sends the EBNF we produce, so both backends enforce the same grammar.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -74,9 +76,10 @@ from aisandbox.artifacts import (
     probe_devices,
     read_manifest,
 )
-from aisandbox.errors import EngineDead, InvalidRequest
+from aisandbox.errors import InvalidRequest
 from aisandbox.runtime.engine import BackendHost
 from aisandbox.runtime.request import GenerationRequest, SamplingParams
+from aisandbox.runtime.structured.grammar import executor_ebnf
 from aisandbox.runtime.text.tokenizer import Tokenizer, TokenizerMode, load_tokenizer
 from aisandbox.runtime.types import EngineState, EngineStats, FinishReason, ModelInfo, TokenDelta, TokenLogprob
 from aisandbox.settings import ServerSettings
@@ -221,25 +224,26 @@ def guided_decoding_enabled(engine_dir: Path) -> bool:
     return (engine_dir / "tokenizer.json").is_file() or (engine_dir / "tokenizer_config.json").is_file()
 
 
-_GUIDED_PARAM = {"regex": "guided_regex", "ebnf": "guided_grammar", "structural_tag": "tools"}
+_GUIDED_PARAM = {"regex": "guided_regex", "ebnf": "guided_grammar", "structural_tag": "tools", "tool_calls": "tools"}
 
 
 def guided_decoding_kwargs(sp: SamplingParams) -> dict[str, Any]:
     """Keywords of tensorrt_llm's GuidedDecodingParams (sampling_params.py) for our grammar spec.
 
-    The executor compiles the grammar with xgrammar itself (`LLM(guided_decoding_backend='xgrammar')`): JSON
-    schemas always in xgrammar's strict mode, since GuidedDecodingParams has no strict flag.
+    The executor compiles the grammar with its own xgrammar (0.1.25 in the 1.2.1 image, the version we pin), but
+    its JSON path uses xgrammar's defaults: `json_object` would admit any JSON value, whitespace runs would be
+    unbounded (a model can loop on newlines until max_tokens), and there is no strict flag. So every JSON spec
+    (json_object, json_schema, a forced Mistral call list) goes as the EBNF grammar we produce from the schema
+    with our settings (`structured.grammar.executor_ebnf`); regexes, EBNF and tool structural tags go as they are.
     """
     spec = sp.guided
     if spec is None:
         return {}
-    if spec.kind == "json_object":
-        return {"json_object": True}
-    if spec.kind == "json_schema":
-        return {"json": spec.source}
+    if spec.kind in ("json_object", "json_schema", "tool_calls"):
+        return {"grammar": executor_ebnf(spec)}
     if spec.kind == "regex":
         return {"regex": spec.source}
-    if spec.kind == "structural_tag":  # tool calls; unverified on a GPU (see docs/function-calling.md)
+    if spec.kind == "structural_tag":  # Hermes/fallback tool calls; formats xgrammar 0.1.25 compiles
         return {"structural_tag": spec.source}
     return {"grammar": spec.source}
 
@@ -566,10 +570,13 @@ class TrtllmEngineConfig:
 
 @dataclass(slots=True)
 class _Active:
-    output: _RequestOutput
     task: asyncio.Task[None]
     submitted_at: float = 0.0
     """time.monotonic() at submit, to tell requests the latest iteration stats know of from newer ones."""
+    output: _RequestOutput | None = None
+    """Set once `generate_async` has returned on the submit thread; None until then."""
+    aborted: bool = False
+    """Aborted before `output` existed: abort it as soon as it does."""
 
 
 class TrtllmBackend:
@@ -608,6 +615,8 @@ class TrtllmBackend:
         self._tokenizer: Tokenizer | None = None
         self._info: ModelInfo | None = None
         self._active: dict[str, _Active] = {}
+        self._submitter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trtllm-submit")
+        """One thread calls `generate_async` (it blocks; see `_submit`), so submits keep their order."""
         self._snapshot = IterationSnapshot()
         self._snapshot_at = 0.0
         self._work: asyncio.Event | None = None
@@ -732,6 +741,7 @@ class TrtllmBackend:
                 task.cancel()
                 tasks.append(task)
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._submitter.shutdown(wait=False, cancel_futures=True)
         loop = asyncio.get_running_loop()
         if self._thread is not None:
             # LLM() cannot be interrupted; wait for the load thread so its executor is stopped, not leaked. From
@@ -805,21 +815,52 @@ class TrtllmBackend:
             guided=self._guided,
             generation_logits=self._generation_logits,
         )
-        try:
-            output = self._runner.generate(list(request.prompt_token_ids), kwargs)
-        except ValueError as exc:  # tensorrt_llm's own argument checks
-            raise InvalidRequest(str(exc)) from exc
-        except RuntimeError as exc:  # the LLM is shut down or its executor failed (it shuts itself down)
-            self._executor_dead(f"the TensorRT-LLM executor failed: {exc}")
-            raise EngineDead(f"The engine has failed: {exc}") from exc
         top = request.sampling.top_logprobs if request.sampling.logprobs else None
-        task = asyncio.get_running_loop().create_task(self._pump(request.request_id, output, top))
+        prompt = list(request.prompt_token_ids)
+        task = asyncio.get_running_loop().create_task(self._submit(request.request_id, prompt, kwargs, top))
         now = time.monotonic()
         if not self._active:
             self._last_progress = now  # the stall clock runs only while requests do
-        self._active[request.request_id] = _Active(output, task, now)
+        self._active[request.request_id] = _Active(task, now)
         if self._work is not None:
             self._work.set()
+
+    async def _submit(
+        self, request_id: str, prompt: list[int], kwargs: dict[str, Any], top_logprobs: int | None
+    ) -> None:
+        """Submit on the submit thread, then pump the request's steps on the loop.
+
+        1.2's `generate_async` blocks its caller (it re-reads the engine's config.json per request, and the proxy
+        waits for the worker's acknowledgement), so it never runs on the event loop: one thread submits, in order.
+        """
+        assert self._runner is not None and self._host is not None
+        loop = asyncio.get_running_loop()
+        try:
+            output = await loop.run_in_executor(self._submitter, self._runner.generate, prompt, kwargs)
+        except asyncio.CancelledError:  # shutdown or a dead executor, while submitting
+            self._active.pop(request_id, None)
+            reason = self._reason if self._state is EngineState.DEAD else None
+            error = reason or "the engine is shutting down"
+            self._host.emit(((request_id, TokenDelta((), FinishReason.ABORT, error=error)),))
+            raise
+        except Exception as exc:
+            self._active.pop(request_id, None)
+            if isinstance(exc, ValueError):  # tensorrt_llm's own argument checks
+                error = f"The engine refused the request: {exc}"
+            else:  # the LLM is shut down or its executor failed (it shuts itself down)
+                error = f"The engine has failed: {exc}"
+                self._executor_dead(f"the TensorRT-LLM executor failed: {exc}")
+            self._host.emit(((request_id, TokenDelta((), FinishReason.ABORT, error=error)),))
+            return
+        active = self._active.get(request_id)
+        if active is None or active.aborted:  # aborted (or the engine went down) while it was being submitted
+            self._abort_output(output)
+            if active is not None:
+                self._active.pop(request_id, None)
+                self._host.emit(((request_id, TokenDelta((), FinishReason.ABORT)),))
+            return
+        active.output = output
+        await self._pump(request_id, output, top_logprobs)
 
     def abort(self, request_id: str) -> None:
         if threading.get_ident() == self._loop_thread:
@@ -830,10 +871,14 @@ class TrtllmBackend:
     def _abort_now(self, request_id: str) -> None:
         active = self._active.get(request_id)
         if active is not None:
-            self._abort_output(active.output)
+            active.aborted = True
+            if active.output is not None:
+                self._abort_output(active.output)
 
     @staticmethod
-    def _abort_output(output: _RequestOutput) -> None:
+    def _abort_output(output: _RequestOutput | None) -> None:
+        if output is None:  # still being submitted: `_submit` aborts it when generate_async returns
+            return
         try:
             output.abort()
         except Exception:  # already finished, or the executor is gone

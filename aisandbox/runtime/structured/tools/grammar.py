@@ -4,23 +4,17 @@ Pure functions, no xgrammar import: they return JSON Schemas and xgrammar struct
 xgrammar's `{"type": "structural_tag", "format": {...}}` form) that the guided-decoding module compiles with
 its `GrammarCompiler` for the loaded tokenizer.
 
-Two ways to force a call (`tool_choice` `required` or a named function):
+Every grammar here compiles with xgrammar 0.1.25, the version TensorRT-LLM 1.2.1's executor runs, so the torch
+and trtllm backends constrain tool calls the same way:
 
-A. One grammar over the whole output: `tool_structural_tag(request, tool_format, token_id)`. It makes the model
-   write the call prefix itself (the `[TOOL_CALLS]` token for Mistral, `<tool_call>` for Hermes), then
-   `{"name": "<one of the tools>", "arguments": <that tool's schema>}`, several when parallel calls are
-   allowed. The Mistral tag holds a token format, so compile it with the compiler (it needs the tokenizer
-   info), not with `Grammar.from_structural_tag`. Parse the output with a normal parser.
-
-B. Prefix in the prompt: append `forced_prefix(tokenizer).token_ids` to the prompt, constrain the output with
-   `tool_structural_tag(request, tool_format, token_id, prefilled=True)` (what follows the prefix, in the
-   model's own layout: Mistral writes " [" first) or, simplest to compile, with the JSON Schema
-   `tool_calls_json_schema(request, tool_format)` (no leading space, and a Hermes answer then holds exactly
-   one call), and parse with `create_tool_parser(..., prefilled=True)`.
-
-With `tool_choice` `auto`, use A: the model writes text freely until it writes the call prefix, and from then on
-the call's name and arguments are constrained (`strict` or not, arguments always follow their schema once a
-call has started). With `none`, no grammar.
+- Hermes and fallback formats: `tool_structural_tag(request, tool_format)` covers the whole output. `auto`:
+  free text until `<tool_call>`, then the call is constrained (`triggered_tags`). `required` or a named
+  function: the output is the call, or the calls separated by newlines when parallel calls are allowed, and
+  then only EOS (`tags_with_separator`): a forced call ends at the call.
+- Mistral: its call prefix `[TOOL_CALLS]` is a control token, and 0.1.25's tags begin only with strings. So
+  `auto` gets no grammar (the parser finds `[TOOL_CALLS]` by token id), and a forced call appends
+  `forced_prefix(tokenizer).token_ids` to the prompt and constrains what follows with the plain JSON Schema
+  `tool_calls_json_schema(request, "mistral")`: the list of calls, then only EOS.
 
 Output layouts the grammars produce (the parsers accept these and more):
 - mistral: `[TOOL_CALLS] [{"name": "f", "arguments": {...}}, {"name": "g", "arguments": {...}}]`
@@ -52,8 +46,6 @@ __all__ = [
 HERMES_BEGIN = FALLBACK_CALL_OPEN + "\n"
 """What a Hermes-format call starts with; the forced prefix for way B."""
 _HERMES_END = "\n" + FALLBACK_CALL_CLOSE
-_MISTRAL_LIST_OPEN = " ["
-_MISTRAL_SEPARATOR = ", "
 
 
 def _arguments_schema(tool: ToolSpec) -> dict[str, Any]:
@@ -91,7 +83,7 @@ def tool_calls_json_schema(request: ToolRequest, tool_format: ToolFormat) -> dic
     one = _one_call_schema(request)
     if tool_format == "mistral":
         schema: dict[str, Any] = {"type": "array", "items": one, "minItems": 1}
-        if not request.parallel:
+        if request.single_call:
             schema["maxItems"] = 1
         return schema
     return one
@@ -99,10 +91,6 @@ def tool_calls_json_schema(request: ToolRequest, tool_format: ToolFormat) -> dic
 
 def _tag(begin: Any, content: Mapping[str, Any], end: Any) -> dict[str, Any]:
     return {"type": "tag", "begin": begin, "content": dict(content), "end": end}
-
-
-def _const(value: str) -> dict[str, Any]:
-    return {"type": "const_string", "value": value}
 
 
 MAX_WHITESPACE = 8
@@ -123,74 +111,40 @@ def _call_tags(request: ToolRequest, begin: str, end: str) -> list[dict[str, Any
     ]
 
 
-def tool_structural_tag(
-    request: ToolRequest, tool_format: ToolFormat, tool_call_token_id: int | None = None, *, prefilled: bool = False
-) -> dict[str, Any]:
-    """The xgrammar structural tag for the output, for `auto`, `required` or a named function.
+def tool_structural_tag(request: ToolRequest, tool_format: ToolFormat) -> dict[str, Any]:
+    """The xgrammar structural tag for the whole output of a Hermes or fallback-format request.
 
-    Args:
-        request: The request's tools and choice (must be active: tools given, choice not `none`).
-        tool_format: `Tokenizer.tool_format`.
-        tool_call_token_id: `Tokenizer.tool_call_token_id`, required for `mistral` (unless prefilled).
-        prefilled: Way B: the prompt already ends with `forced_prefix(...)`; the tag covers what follows it.
-            Only for forced calls.
+    `auto`: free text until the model writes `<tool_call>`, then the call's name and arguments are constrained.
+    `required` or a named function: the output is the call (several, separated by a newline, when parallel calls
+    are allowed) and nothing else: once the last call is closed only EOS is allowed. Uses only formats that
+    xgrammar 0.1.25 (TensorRT-LLM 1.2.1's) compiles: string tags, `triggered_tags`, `tags_with_separator`.
+
+    Raises:
+        ValueError: An inactive request, or the `mistral` format (see `tool_calls_json_schema`: Mistral's call
+            prefix is a control token, which a 0.1.25 tag cannot begin with).
     """
     if not request.active:
         raise ValueError("no grammar for a request without callable tools")
-    if prefilled:
-        if not request.forced:
-            raise ValueError("a prefilled call prefix is only for forced calls")
-        return {"type": "structural_tag", "format": _after_prefix(request, tool_format)}
     if tool_format == "mistral":
-        if tool_call_token_id is None:
-            raise ValueError("the mistral format needs the [TOOL_CALLS] token id")
-        # [TOOL_CALLS] " [" call (", " call)* "]": a tag that begins with the token and ends with the "]".
-        body = {"type": "sequence", "elements": [_const(_MISTRAL_LIST_OPEN), _mistral_calls(request)]}
-        section = _tag({"type": "token", "token": tool_call_token_id}, body, "]")
-        if request.forced:
-            fmt: dict[str, Any] = section
-        else:
-            fmt = {
-                "type": "token_triggered_tags",
-                "trigger_tokens": [tool_call_token_id],
-                "tags": [section],
-                "stop_after_first": True,
-            }
-        return {"type": "structural_tag", "format": fmt}
-    fmt = {
-        "type": "triggered_tags",
-        "triggers": [FALLBACK_CALL_OPEN],
-        "tags": _call_tags(request, HERMES_BEGIN, _HERMES_END),
-        "at_least_one": request.forced,
-        "stop_after_first": not request.parallel,
-    }
+        raise ValueError("the mistral format is constrained by tool_calls_json_schema after a forced prefix")
+    tags = _call_tags(request, HERMES_BEGIN, _HERMES_END)
+    if request.forced:
+        fmt: dict[str, Any] = {
+            "type": "tags_with_separator",
+            "tags": tags,
+            "separator": "\n",
+            "at_least_one": True,
+            "stop_after_first": request.single_call,
+        }
+    else:
+        fmt = {
+            "type": "triggered_tags",
+            "triggers": [FALLBACK_CALL_OPEN],
+            "tags": tags,
+            "at_least_one": False,
+            "stop_after_first": not request.parallel,
+        }
     return {"type": "structural_tag", "format": fmt}
-
-
-def _mistral_calls(request: ToolRequest) -> dict[str, Any]:
-    return {
-        "type": "tags_with_separator",
-        "tags": _call_tags(request, "", ""),
-        "separator": _MISTRAL_SEPARATOR,
-        "at_least_one": True,
-        "stop_after_first": not request.parallel,
-    }
-
-
-def _after_prefix(request: ToolRequest, tool_format: ToolFormat) -> dict[str, Any]:
-    """What follows the call prefix: Mistral's ` [call, ...]`, or Hermes' first call body and further calls."""
-    if tool_format == "mistral":
-        elements = [_const(_MISTRAL_LIST_OPEN), _mistral_calls(request), _const("]")]
-        return {"type": "sequence", "elements": elements}
-    first = {"type": "or", "elements": _call_tags(request, "", _HERMES_END)}
-    if not request.parallel:
-        return first
-    more = {
-        "type": "triggered_tags",
-        "triggers": [FALLBACK_CALL_OPEN],
-        "tags": _call_tags(request, HERMES_BEGIN, _HERMES_END),
-    }
-    return {"type": "sequence", "elements": [first, more]}
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,8 +6,9 @@ Request path (once per request, where the prompt is built)::
     messages = body.conversation(with_tools=True)
     prompt_ids = tokenizer.encode_chat(messages, tools)
     plan = plan_tools(tokenizer, tools)                           # None: no tool calling for this request
+    prompt_ids += plan.prompt_suffix                              # a forced Mistral call's [TOOL_CALLS]
     if plan is not None and plan.grammar is not None:
-        ...hand plan.grammar (an xgrammar structural tag) to guided decoding...
+        ...hand plan.grammar (a GrammarSpec) to guided decoding...
 
 Text layer (per sequence, in the engine or text thread; replaces `detok.add` / `detok.flush`)::
 
@@ -22,11 +23,12 @@ calls into `message.tool_calls` with `chat_response(..., tool_calls=...)`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-from aisandbox.runtime.structured.tools.grammar import tool_structural_tag
+from aisandbox.runtime.structured.tools.grammar import tool_calls_json_schema, tool_structural_tag
 from aisandbox.runtime.structured.tools.parsers import (
     ContentEvent,
     SupportsAdd,
@@ -36,7 +38,7 @@ from aisandbox.runtime.structured.tools.parsers import (
     feed_tokens,
 )
 from aisandbox.runtime.structured.tools.specs import ToolCall, ToolFormat, ToolRequest
-from aisandbox.runtime.types import FinishReason
+from aisandbox.runtime.types import FinishReason, GrammarSpec
 
 __all__ = ["ToolCallText", "ToolPlan", "ToolTextEnd", "plan_tools"]
 
@@ -98,9 +100,11 @@ class ToolPlan:
     request: ToolRequest
     tool_format: ToolFormat
     tool_call_token_id: int | None
-    grammar: dict[str, Any] | None
-    """The xgrammar structural tag for the whole output (`auto`, `required` or named); compile it with the
-    tokenizer's `GrammarCompiler.compile_structural_tag` (the Mistral one holds a token format)."""
+    grammar: GrammarSpec | None
+    """What guided decoding must allow: a structural tag over the whole output (Hermes, fallback), the JSON
+    Schema of the call list after `prompt_suffix` (a forced Mistral call), or None (Mistral `auto`)."""
+    prompt_suffix: tuple[int, ...] = ()
+    """Token ids to append to the prompt: the call prefix of a forced Mistral call, so the output is the list."""
 
     def new_parser(self, *, guided: bool) -> ToolCallParser:
         """A parser for one sequence.
@@ -115,6 +119,7 @@ class ToolPlan:
             [t.name for t in self.request.callable_tools],
             parallel=self.request.parallel,
             stream_calls=guided,
+            prefilled=bool(self.prompt_suffix),
         )
 
     def new_text(self, detokenizer: _Flushable, *, guided: bool) -> ToolCallText:
@@ -126,5 +131,13 @@ def plan_tools(tokenizer: _ToolTokenizer, request: ToolRequest | None) -> ToolPl
     """The plan for a request, or None when it has no callable tools (no tools, or `tool_choice` none)."""
     if request is None or not request.active:
         return None
-    grammar = tool_structural_tag(request, tokenizer.tool_format, tokenizer.tool_call_token_id)
-    return ToolPlan(request, tokenizer.tool_format, tokenizer.tool_call_token_id, grammar)
+    fmt, token_id = tokenizer.tool_format, tokenizer.tool_call_token_id
+    if fmt != "mistral":
+        tag = json.dumps(tool_structural_tag(request, fmt), separators=(",", ":"))
+        return ToolPlan(request, fmt, token_id, GrammarSpec("structural_tag", tag))
+    if not request.forced:
+        return ToolPlan(request, fmt, token_id, None)
+    schema = json.dumps(tool_calls_json_schema(request, fmt), separators=(",", ":"))
+    if token_id is None:
+        raise ValueError("the mistral format needs the [TOOL_CALLS] token id")
+    return ToolPlan(request, fmt, token_id, GrammarSpec("tool_calls", schema), (token_id,))

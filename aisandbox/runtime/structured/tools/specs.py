@@ -99,6 +99,12 @@ class ToolRequest:
         return bool(self.tools) and self.choice.mode != "none"
 
     @property
+    def single_call(self) -> bool:
+        """Whether the answer holds at most one call: `parallel_tool_calls` false, or a named function (which
+        forces one call to it, as vLLM's named tool choice does)."""
+        return not self.parallel or self.choice.mode == "named"
+
+    @property
     def forced(self) -> bool:
         """Whether the client demands a call (`required` or a named function)."""
         return self.active and self.choice.mode in ("required", "named")
