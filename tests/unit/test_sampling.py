@@ -219,3 +219,17 @@ def test_merged_deltas_keep_every_logprob_and_the_prompt_logprobs() -> None:
     assert [e.token_id for e in merged.logprobs or ()] == [5, 2]
     assert merged.prompt_logprobs == a.prompt_logprobs
     assert TokenDelta((1,)).merge(TokenDelta((2,))).logprobs is None
+
+
+def test_prompt_logprobs_in_slices_match_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log_softmax runs in slices of positions (never a second [prompt x vocab] copy); same answer."""
+    from aisandbox.runtime.torch import sampling
+
+    torch.manual_seed(0)
+    logits = torch.randn(11, 50)
+    prompt = [int(t) for t in torch.randint(0, 50, (11,))]
+    whole = sampling.prompt_logprobs(logits, prompt, 3)
+    monkeypatch.setattr(sampling, "PROMPT_LOGPROBS_SLICE", 3)
+    sliced = sampling.prompt_logprobs(logits, prompt, 3)
+    assert sliced == whole and len(sliced) == 11 and sliced[0] is None
+    assert sampling.prompt_logprobs(logits, prompt, 0)[5].top == ()  # type: ignore[union-attr]

@@ -65,6 +65,8 @@ class TorchEngineConfig:
     tokenizer_mode: str = "auto"
     max_batch_size: int = 32
     max_prefill_tokens: int = 512
+    """Most prompt tokens run in one engine step: a longer prompt is prefilled in chunks of this size, one chunk
+    between two decode steps of the running sequences (chunked prefill)."""
     max_model_len: int | None = None
     threads: int | None = None
     prefix_cache_mb: int = 256
@@ -100,6 +102,10 @@ class _Seq:
     """Computed at prefill for echo requests; sent with the first delta."""
     failed: str | None = None
     """Why the sequence cannot run (its grammar did not compile); it ends at its first token."""
+    staged: int = 0
+    """Prompt tokens already prefilled in chunks (chunked prefill), their KV in `staged_kv`."""
+    staged_kv: torch.Tensor | None = None
+    """[layers, 2, kv_heads, staged, head_dim]: the staged tokens' KV, written into the row at admission."""
 
     @property
     def sampling(self) -> SamplingParams:
@@ -255,6 +261,9 @@ class TorchBackend:
         self._kv_usage = 0.0
         self._steps = 0
         self._prefix = _PrefixCache(0)
+        self._staging: _Seq | None = None
+        """The long prompt being prefilled in chunks (at most one at a time); owned by the engine thread."""
+        self._stage_kv: _SlotKV | None = None
 
     @classmethod
     def from_settings(cls, settings: ServerSettings) -> TorchBackend:
@@ -400,7 +409,7 @@ class TorchBackend:
         running: list[_Seq] = []
         self._col = 0  # next KV column to write, shared by all running rows
         while True:
-            block = not running and not waiting
+            block = not running and not waiting and self._staging is None
             while True:
                 try:
                     kind, payload = self._inbox.get(block=block)
@@ -414,6 +423,8 @@ class TorchBackend:
                 elif kind == "abort":
                     self._abort(payload, waiting, running)
             out: list[tuple[str, TokenDelta]] = []
+            if self._staging is not None:
+                self._stage_chunk(waiting, out)
             admitted = self._admit(waiting, running)
             if admitted:
                 self._prefill(admitted, running, out)
@@ -428,6 +439,9 @@ class TorchBackend:
                 emit(out)
 
     def _abort(self, request_id: str, waiting: deque[_Seq], running: list[_Seq]) -> None:
+        if self._staging is not None and self._staging.request.request_id == request_id:
+            self._staging = self._stage_kv = None
+            return
         for seq in waiting:
             if seq.request.request_id == request_id:
                 waiting.remove(seq)
@@ -440,14 +454,64 @@ class TorchBackend:
     def _admit(self, waiting: deque[_Seq], running: list[_Seq]) -> list[_Seq]:
         """Take waiting sequences, oldest first, within the batch and prefill-token budgets."""
         group: list[_Seq] = []
+        held: list[_Seq] = []
         longest = 0
+        budget = self.config.max_prefill_tokens
         while waiting and len(running) + len(group) < self.config.max_batch_size:
-            n = len(waiting[0].request.prompt_token_ids)
-            if group and (len(group) + 1) * max(longest, n) > self.config.max_prefill_tokens:
+            seq = waiting[0]
+            n = len(seq.request.prompt_token_ids) - seq.staged  # tokens this prefill runs
+            if n > budget and seq.sampling.prompt_logprobs is None:
+                # Too long for one step: prefill it in chunks between decode steps (one prompt at a time); the
+                # prompts behind it go on being admitted.
+                waiting.popleft()
+                if self._staging is None:
+                    self._staging = seq
+                else:
+                    held.append(seq)
+                continue
+            if group and (len(group) + 1) * max(longest, n) > budget:
                 break
             longest = max(longest, n)
             group.append(waiting.popleft())
+        waiting.extendleft(reversed(held))
         return group
+
+    def _stage_chunk(self, waiting: deque[_Seq], out: list[tuple[str, TokenDelta]]) -> None:
+        """Prefill the next chunk of the staged prompt into its own KV buffer; when at most one chunk is left,
+        hand it back to the front of the queue, where `_prefill` copies the staged KV into its row."""
+        seq = self._staging
+        assert seq is not None and self._info is not None
+        prompt = seq.request.prompt_token_ids
+        budget = self.config.max_prefill_tokens
+        try:
+            if self._stage_kv is None:
+                layers, (heads, dim) = len(self._kv.k), self._kv.shape
+                self._stage_kv = _SlotKV(layers, heads, dim, self._kv.dtype, self._kv.device)
+                cached, blocks = self._prefix.lookup(prompt)
+                if cached:
+                    self._stage_kv.ensure(1, cached)
+                    self._stage_kv.write_block(0, 0, torch.cat(blocks, dim=3))
+                seq.staged = cached
+            kv, dev = self._stage_kv, self._device
+            a = seq.staged
+            b = min(a + budget, len(prompt) - 1)  # the last token runs in the real prefill: it gives the logits
+            kv.ensure(1, b)
+            ids = torch.tensor([prompt[a:b]])
+            pos = torch.arange(a, b)[None]
+            mask = (torch.arange(0, b)[None, :] <= torch.arange(a, b)[:, None])[None, None]
+            kv.rows, kv.write_col, kv.lo, kv.hi = slice(0, 1), a, 0, b
+            self._forward(ids.to(dev), pos.to(dev), mask.to(dev), starts=torch.tensor([0]), kv=kv)
+            seq.staged = b
+            if len(prompt) - b <= budget:
+                seq.staged_kv = kv.read_block(0, 0, b)
+                self._staging = self._stage_kv = None
+                waiting.appendleft(seq)
+        except Exception as exc:  # only this sequence's forward failed: end it, keep the others running
+            log.exception("chunked prefill of request %s failed", seq.request.request_id)
+            self._staging = self._stage_kv = None
+            seq.staged_kv = None
+            error = f"the engine failed this request's prefill: {exc}"
+            out.append((seq.request.request_id, TokenDelta((), FinishReason.ABORT, error=error)))
 
     def _forward(
         self,
@@ -456,6 +520,7 @@ class TorchBackend:
         mask: torch.Tensor | None,
         all_positions: bool = False,
         starts: torch.Tensor | None = None,
+        kv: _SlotKV | None = None,
     ) -> torch.Tensor:
         """Run the model on the rows and columns set in self._kv.
 
@@ -463,20 +528,20 @@ class TorchBackend:
         Returns the last position's logits [rows, vocab], or with `all_positions` every query position's
         [rows, q, vocab] (for prompt logprobs; only asked for groups that hold such a request).
         starts: each row's first KV column (the same as the mask; the lean CPU forward's kernels use it).
+        kv: the KV buffers to run on (a staged prompt's own); default the running rows'.
         """
+        kv = kv or self._kv
         if self._fast is not None:
-            return self._fast(input_ids, positions, mask, self._kv, all_positions, starts)
+            return self._fast(input_ids, positions, mask, kv, all_positions, starts)
         if mask is None:
-            mask = torch.ones(
-                (input_ids.shape[0], 1, 1, self._kv.hi - self._kv.lo), dtype=torch.bool, device=self._device
-            )
+            mask = torch.ones((input_ids.shape[0], 1, 1, kv.hi - kv.lo), dtype=torch.bool, device=self._device)
         out = self._model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
             logits_to_keep=0 if all_positions else 1,
-            **{self._cache_kw: self._kv},
+            **{self._cache_kw: kv},
         )
         logits: torch.Tensor = out.logits
         return logits.float() if all_positions else logits[:, -1, :].float()
@@ -487,7 +552,12 @@ class TorchBackend:
         lengths = [len(p) for p in prompts]
         # (cached tokens, their KV blocks) per row; prompt logprobs need every prompt position run.
         echo = [s.sampling.prompt_logprobs is not None for s in group]
-        hits = [(0, []) if e else self._prefix.lookup(p) for p, e in zip(prompts, echo, strict=True)]
+        hits = [
+            (s.staged, [s.staged_kv]) if s.staged_kv is not None else (0, []) if e else self._prefix.lookup(p)
+            for s, p, e in zip(group, prompts, echo, strict=True)
+        ]
+        for s in group:
+            s.staged_kv = None
         cached = [h[0] for h in hits]
         width = max(n - c for n, c in zip(lengths, cached, strict=True))  # query tokens to run
         span = max(lengths)  # columns the group occupies
@@ -536,7 +606,10 @@ class TorchBackend:
                 if echo[i]:
                     n = lengths[i]
                     top = seq.sampling.prompt_logprobs or 0
-                    seq.prompt_logprobs = prompt_logprobs(logits[i, width - n :], prompts[i], top)
+                    try:
+                        seq.prompt_logprobs = prompt_logprobs(logits[i, width - n :], prompts[i], top)
+                    except Exception as exc:  # this sequence's prompt logprobs only
+                        seq.failed = f"the engine could not compute this request's prompt logprobs: {exc}"
             logits = logits[:, -1, :]
         for i, (seq, c) in enumerate(zip(group, cached, strict=True)):
             self._prefix.store(
@@ -644,9 +717,34 @@ class TorchBackend:
                 sp = seq.sampling
                 if sp.guided is not None and sp.grammar is None:
                     sp = self._compile_late(seq)
-                seq.row = self._sampler.new_row(sp, seq.request.prompt_token_ids, seq.generator)
+                try:
+                    seq.row = self._sampler.new_row(sp, seq.request.prompt_token_ids, seq.generator)
+                except Exception as exc:  # this sequence's settings: it ends at its first token, alone
+                    log.warning("request %s: sampler state failed: %s", seq.request.request_id, exc)
+                    seq.failed = f"the engine could not sample this request: {exc}"
+                    seq.row = self._sampler.new_row(SamplingParams(max_tokens=1, temperature=0.0))
             rows.append(seq.row)
-        return self._sampler.sample(rows, logits)
+        try:
+            return self._sampler.sample(rows, logits)
+        except Exception:
+            pass
+        # One row's state (its grammar matcher, say) failed the batched pass: sample row by row, so only the
+        # rows that fail again end, with the error; the others keep their tokens. (A device fault would fail the
+        # next forward too, which is shared and ends the engine.)
+        log.warning("a batched sampling step failed; sampling %d rows one by one", len(rows))
+        parts: list[StepResult] = []
+        for i, (seq, row) in enumerate(zip(seqs, rows, strict=True)):
+            try:
+                parts.append(self._sampler.sample([row], logits[i : i + 1]))
+            except Exception as exc:
+                seq.failed = f"the engine could not sample this request: {exc}"
+                parts.append(StepResult([int(logits[i].argmax())], [None], [False], [False]))
+        return StepResult(
+            [p.tokens[0] for p in parts],
+            [p.logprobs[0] for p in parts],
+            [p.grammar_done[0] for p in parts],
+            [p.grammar_rejected[0] for p in parts],
+        )
 
     def _compile_late(self, seq: _Seq) -> SamplingParams:
         """Compile a grammar the request path left uncompiled, rather than ignore it (this stalls the batch)."""
