@@ -189,6 +189,9 @@ class EngineProfile:
     """Runtime only: max_tokens for requests that omit it (None: the rest of the context)."""
     gather_generation_logits: bool = False
     """Runtime only: served with generation logits gathered, so requests may ask for logprobs."""
+    runtime_max_num_tokens: int | None = None
+    """Runtime only: the executor's per-step token budget with chunked prefill on (None, in manifests written
+    before it existed: 2048, capped at max_num_tokens)."""
 
 
 @dataclass(frozen=True, slots=True)

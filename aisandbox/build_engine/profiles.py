@@ -172,6 +172,11 @@ class GpuProfile(BaseModel):
     default_max_tokens: int | None = Field(default=None, ge=1)
     """max_tokens for requests that omit it (capped at the rest of the context). None: the rest of the context,
     which under guaranteed_no_evict reserves max_seq_len tokens of KV per such request."""
+    runtime_max_num_tokens: int = Field(default=2048, ge=64)
+    """Runtime only: most tokens the executor runs in one step, with chunked prefill on (a long prompt is prefilled
+    in chunks of this many tokens between decode steps, so it never freezes running streams for its whole
+    prefill). Latency-oriented, as vLLM's default token budget for online serving: 2048, 4096 on Hopper and on
+    two-GPU profiles, where a step of that size still takes tens of milliseconds. Capped at max_num_tokens."""
     gather_generation_logits: bool = False
     """Serve with `LLM(gather_generation_logits=True)`, so requests may ask for logprobs (top-k included):
     tensorrt_llm 1.2 refuses logprobs without it (llmapi/llm.py `_check_arguments`). Costs a copy of the
@@ -246,6 +251,7 @@ class GpuProfile(BaseModel):
             scheduler_policy=self.scheduler_policy,
             default_max_tokens=self.default_max_tokens,
             gather_generation_logits=self.gather_generation_logits,
+            runtime_max_num_tokens=min(self.runtime_max_num_tokens, self.max_num_tokens),
         )
 
 

@@ -296,8 +296,10 @@ def llm_runtime_kwargs(
         "model": str(engine_dir),
         "tensor_parallel_size": profile.tp_size,
         "max_batch_size": profile.max_batch_size,
-        "max_num_tokens": profile.max_num_tokens,
-        "enable_chunked_prefill": False,
+        # Chunked prefill: a long prompt runs in chunks of the runtime token budget between decode steps, instead of
+        # one step of up to max_num_tokens that freezes every running stream (issue 17, item 3).
+        "max_num_tokens": min(profile.runtime_max_num_tokens or 2048, profile.max_num_tokens),
+        "enable_chunked_prefill": True,
         "kv_cache_config": {
             "free_gpu_memory_fraction": profile.kv_cache_free_gpu_memory_fraction,
             "enable_block_reuse": True,
