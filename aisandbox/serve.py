@@ -61,6 +61,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drain-timeout-s", type=float, help="on SIGTERM, how long streams may finish (default 30)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     p.add_argument("--text-workers", type=int, help="threads for chat templates and tokenization (default 2)")
+    p.add_argument(
+        "--grammar-compile-timeout-s", type=float, help="deadline for compiling a client's grammar (default 5)"
+    )
+    p.add_argument("--grammar-workers", type=int, help="processes that compile client grammars (default 1)")
+    p.add_argument(
+        "--max-prefill-tokens", type=int, help="torch backend: prompt tokens per engine step (chunked prefill)"
+    )
     p.add_argument("--max-body-bytes", type=int, help="largest request body; larger ones get 413 (default 4 MiB)")
     p.add_argument(
         "--null-engine",

@@ -62,6 +62,13 @@ class ServerSettings(BaseSettings):
     """Largest `n` a request may ask for."""
     text_workers: int = Field(default=2, ge=1, le=64)
     """Threads that apply chat templates and tokenize prompts, so the event loop never does."""
+    grammar_compile_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    """Deadline for compiling one client grammar (response_format json_schema, guided_regex, guided_grammar, tool
+    schemas) in a grammar worker process; past it the request gets a 400 `grammar_too_complex` and the worker is
+    killed. Waiting for a free worker (no CPU) does not count; a client that leaves ends its wait or compile."""
+    grammar_workers: int = Field(default=1, ge=0, le=64)
+    """Worker processes that compile client grammars (one compile each at a time); 0 compiles on a thread in the
+    server process, with no deadline."""
     max_body_bytes: int = Field(default=4 * 2**20, ge=1024)
     """Largest request body accepted; a larger one gets 413 before more than this is read. The default, 4 MiB,
     holds any prompt that fits a 128k-token context as text."""

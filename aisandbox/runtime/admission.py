@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aisandbox.errors import (
     ContextLengthExceeded,
@@ -39,11 +39,15 @@ from aisandbox.errors import (
 from aisandbox.runtime.collector import Submission
 from aisandbox.runtime.engine import Backend
 from aisandbox.runtime.request import GenerationRequest, SamplingParams
+from aisandbox.runtime.structured.grammar_service import GrammarServiceStats
 from aisandbox.runtime.structured.logprobs import LogprobFormatter
 from aisandbox.runtime.structured.tools.specs import ToolRequest
 from aisandbox.runtime.text.textgen import TextState, check_context
 from aisandbox.runtime.text.tokenizer import ChatMessage, Tokenizer
 from aisandbox.runtime.types import EngineState, EngineStats, FinishReason, Health, ModelInfo, TextDelta, TokenDelta
+
+if TYPE_CHECKING:
+    from aisandbox.runtime.structured.grammar_service import GrammarService
 
 __all__ = ["Admission", "AdmissionLimits"]
 
@@ -65,6 +69,10 @@ class AdmissionLimits:
     """Requests waiting beyond the backend's running capacity before new ones get 429."""
     text_workers: int = 2
     """Threads that apply chat templates and tokenize."""
+    grammar_compile_timeout_s: float = 5.0
+    """Deadline for compiling one client grammar (structured.grammar_service); past it a 400."""
+    grammar_workers: int = 1
+    """Worker processes that compile client grammars under that deadline; 0 compiles on a thread, unbounded."""
 
 
 @dataclass(eq=False, slots=True)
@@ -94,6 +102,11 @@ class Admission:
         self._loop_thread = 0
         self._settled: asyncio.Event | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._grammar_thread: ThreadPoolExecutor | None = None
+        """Compiles grammars in this process (after the service checked them): never the tokenizer threads."""
+        self._grammars: GrammarService | None = None
+        self._grammars_ready: asyncio.Task[GrammarService | None] | None = None
+        self._waiting_for_grammar = 0
         self._text_inbox: queue.SimpleQueue[Sequence[tuple[str, TokenDelta]] | None] = queue.SimpleQueue()
         self._text_thread: threading.Thread | None = None
 
@@ -104,6 +117,7 @@ class Admission:
         self._loop_thread = threading.get_ident()
         self._settled = asyncio.Event()
         self._pool = ThreadPoolExecutor(self.limits.text_workers, thread_name_prefix="aisandbox-text")
+        self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="aisandbox-grammar")
         self._text_thread = threading.Thread(target=self._text_main, name="aisandbox-detokenize", daemon=True)
         self._text_thread.start()
         self.backend.start(self)
@@ -124,6 +138,15 @@ class Admission:
         self._text_inbox.put(None)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._grammar_thread is not None:
+            self._grammar_thread.shutdown(wait=False, cancel_futures=True)
+        if self._grammars_ready is not None:
+            self._grammars_ready.cancel()
+            with contextlib.suppress(BaseException):
+                await self._grammars_ready
+        if self._grammars is not None:
+            await self._grammars.close()
+            self._grammars = None
 
     def health(self) -> Health:
         return Health(self._state, self._reason)
@@ -131,7 +154,16 @@ class Admission:
     def stats(self) -> EngineStats:
         inner = self.backend.stats()
         running = min(inner.running, len(self._live))
-        return EngineStats(running, len(self._live) - running, inner.kv_cache_usage, inner.extra)
+        extra = dict(inner.extra)
+        if self.limits.grammar_workers >= 1:
+            g = self._grammars.stats() if self._grammars is not None else GrammarServiceStats(0, 0, 0, 0, 0)
+            extra.update(
+                requests_waiting_for_grammar=float(self._waiting_for_grammar),
+                grammar_compiled_total=float(g.compiled),
+                grammar_timeouts_total=float(g.timeouts),
+                grammar_compiles_cancelled_total=float(g.cancelled),
+            )
+        return EngineStats(running, len(self._live) - running, inner.kv_cache_usage, extra)
 
     @property
     def model_info(self) -> ModelInfo:
@@ -182,6 +214,8 @@ class Admission:
         per_token = table.max_token_bytes if table is not None else 64
         self._max_chars = info.max_model_len * per_token * _EARLY_REFUSAL_MARGIN
         self._set_state(EngineState.READY, None)
+        if self.limits.grammar_workers >= 1 and self._loop is not None:  # ready before the first grammar arrives
+            self._grammars_ready = self._loop.create_task(self._start_grammars(info))
 
     def _on_failed(self, reason: str) -> None:
         log.error("engine dead: %s", reason)
@@ -257,12 +291,46 @@ class Admission:
         if sampling.logprobs or sampling.prompt_logprobs is not None:
             await self._off_loop(self._logprob_formatter)
         if sampling.guided is not None and sampling.grammar is None:
-            from aisandbox.runtime.structured.grammar import compile_grammar
+            from aisandbox.runtime.structured.grammar import ERROR_PARAMS, grammar_compiler
 
             info = self._check_state()
-            grammar = await self._off_loop(compile_grammar, sampling.guided, self.tokenizer, info)
+            compiler = grammar_compiler(self.tokenizer, info.vocab_size, info.eos_token_ids)
+            spec = sampling.guided
+            if not compiler.is_cached(spec):
+                self._waiting_for_grammar += 1
+                try:
+                    service = await self._grammar_service(info)
+                    if service is not None:  # bounded: a worker process, a deadline, killed if the client leaves
+                        await service.check(spec, ERROR_PARAMS.get(spec.kind, "response_format"))
+                finally:
+                    self._waiting_for_grammar -= 1
+            loop = asyncio.get_running_loop()
+            grammar = await loop.run_in_executor(self._grammar_thread, compiler.compile, spec)
             sampling = replace(sampling, grammar=grammar)
         return sampling
+
+    async def _grammar_service(self, info: ModelInfo) -> GrammarService | None:
+        """The grammar workers, started on the first guided request (None: `grammar_workers` is 0)."""
+        if self.limits.grammar_workers < 1:
+            return None
+        if self._grammars_ready is None:
+            self._grammars_ready = asyncio.get_running_loop().create_task(self._start_grammars(info))
+        return await asyncio.shield(self._grammars_ready)
+
+    async def _start_grammars(self, info: ModelInfo) -> GrammarService:
+        from aisandbox.runtime.structured.grammar_service import GrammarService
+
+        vocab = await self._off_loop(self.tokenizer.vocab_for_grammar)
+        service = GrammarService(
+            vocab,
+            info.vocab_size,
+            tuple(info.eos_token_ids),
+            self.limits.grammar_compile_timeout_s,
+            self.limits.grammar_workers,
+        )
+        await service.start()
+        self._grammars = service
+        return service
 
     def _logprob_formatter(self) -> LogprobFormatter:
         """The engine's logprob formatter, built on first use (reading the vocabulary takes a moment)."""

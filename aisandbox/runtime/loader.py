@@ -27,5 +27,11 @@ def create_backend(settings: ServerSettings) -> Backend:
 def create_engine(settings: ServerSettings) -> Admission:
     """Build (not start) the engine for these settings; cheap, loads nothing."""
     return Admission(
-        create_backend(settings), AdmissionLimits(max_queue=settings.max_queue, text_workers=settings.text_workers)
+        create_backend(settings),
+        AdmissionLimits(
+            max_queue=settings.max_queue,
+            text_workers=settings.text_workers,
+            grammar_compile_timeout_s=settings.grammar_compile_timeout_s,
+            grammar_workers=settings.grammar_workers,
+        ),
     )

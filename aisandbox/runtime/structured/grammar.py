@@ -28,12 +28,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from aisandbox.errors import InvalidRequest
 from aisandbox.runtime.types import GrammarSpec, ModelInfo, VocabSource
 
 if TYPE_CHECKING:
+    import torch
     import xgrammar
 
 
@@ -148,6 +147,19 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self.compiled = 0
         """How many specs were compiled (cache misses)."""
+
+    def is_cached(self, spec: GrammarSpec) -> bool:
+        """Whether `compile(spec)` would return at once."""
+        with self._lock:
+            return spec in self._cache
+
+    def check(self, spec: GrammarSpec) -> None:
+        """Compile a spec without keeping it (the grammar service's worker processes: only whether it compiles).
+
+        Raises:
+            InvalidRequest: As `compile`.
+        """
+        self._compile(spec)
 
     def compile(self, spec: GrammarSpec) -> CompiledGrammar:
         """Compile a spec, or return the cached result.
@@ -297,6 +309,7 @@ def mask_logits(
     never does, read off the bitmask), or one of `recheck` (rows where the caller banned tokens before, such as
     EOS under min_tokens) whose logits hold no finite value any more.
     """
+    import torch
     import xgrammar as xgr
 
     if not rows:
