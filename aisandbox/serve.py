@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-queue", type=int, help="waiting requests beyond which new ones get 429")
     p.add_argument("--prefix-cache-mb", type=int, help="torch backend: KV memory for shared prompt prefixes")
+    p.add_argument(
+        "--kv-cache-mb", type=int, help="torch backend: KV memory for running sequences (default: half free)"
+    )
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health (and /metrics)")
     p.add_argument("--drain-timeout-s", type=float, help="on SIGTERM, how long streams may finish (default 30)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")

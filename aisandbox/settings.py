@@ -56,6 +56,12 @@ class ServerSettings(BaseSettings):
     """Cap on the context window; default the model's own."""
     prefix_cache_mb: int = Field(default=256, ge=0)
     """torch backend: memory for the KV of prompt prefixes reused across requests (0 disables)."""
+    kv_cache_mb: int | None = Field(default=None, ge=1)
+    """Torch backend: memory for the running sequences' KV cache, MiB. Default: `kv_cache_fraction` of the memory
+    free at load. A request that could never fit is refused (context_length_exceeded); one that does not fit
+    now waits for running sequences to end."""
+    kv_cache_fraction: float = Field(default=0.5, gt=0, le=0.95)
+    """Torch backend: share of free memory (host, or GPU) for the KV cache when kv_cache_mb is not set."""
     max_queue: int = Field(default=256, ge=1)
     """Waiting requests beyond which new ones get 429."""
     max_n: int = Field(default=16, ge=1, le=128)

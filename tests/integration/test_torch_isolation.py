@@ -165,3 +165,36 @@ async def test_a_row_that_fails_the_batched_sampling_pass_ends_alone(engine: Tap
             pass
     tokens, _ = await background
     assert len(tokens) == 30 and engine.health().state is EngineState.READY
+
+
+async def test_the_kv_budget_bounds_the_batch_and_refuses_what_never_fits(tiny_mistral_dir: Path) -> None:
+    """KV sized from a memory budget: a request that can never fit is a 400 at admission; two that do not fit
+    together run one after the other instead of growing the buffers past the budget."""
+    from aisandbox.errors import ContextLengthExceeded
+
+    config = TorchEngineConfig(model_path=tiny_mistral_dir, dtype="float32", weights_dtype="fp32", kv_cache_mb=0.1)
+    eng = Tapped(TorchBackend(config), AdmissionLimits(max_queue=64))
+    await eng.start()
+    assert (await eng.wait_ready(120)).state is EngineState.READY
+    try:
+        cells = eng.torch._kv_cells
+        assert 100 < cells < 400, cells  # 0.1 MiB of a 2-layer, 2-KV-head, 16-dim float32 model
+        assert eng.torch._info is not None and eng.torch._info.max_model_len == cells
+        with pytest.raises(ContextLengthExceeded):
+            eng.check_context(10, cells, "max_tokens")
+        peak = 0
+        decode = eng.torch._decode
+
+        def watching(running: Any, *args: Any) -> None:
+            nonlocal peak
+            peak = max(peak, len(running))
+            decode(running, *args)
+
+        eng.torch._decode = watching  # type: ignore[method-assign]
+        each = cells // 2 + 10 - 5  # two of these cannot run together
+        results = await asyncio.gather(*(collect(eng, f"k{i}", [1, 2, 3, 4, 5], greedy(each)) for i in range(2)))
+        assert all(len(tokens) == each for tokens, _ in results)
+        assert peak == 1, "the second waited for the first instead of exceeding the budget"
+        assert eng.torch._kv.rows_cap * eng.torch._kv.cols_cap <= cells
+    finally:
+        await eng.shutdown()

@@ -73,6 +73,9 @@ class TorchEngineConfig:
     max_model_len: int | None = None
     threads: int | None = None
     prefix_cache_mb: int = 256
+    kv_cache_mb: float | None = None
+    """Memory for the running sequences' KV buffers, MiB; None: `kv_cache_fraction` of the memory free at load."""
+    kv_cache_fraction: float = 0.5
     weights_dtype: str = "auto"
     """CPU float32 models: linear-layer weight format, `auto` (measured per row count at load), fp32 (exact),
     bf16, int8 or int4 (see `cpu_weights`)."""
@@ -184,6 +187,8 @@ class _SlotKV:
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.max_rows = 1
+        self.max_cells = 0
+        """rows x cols the buffers may reach (the memory budget); 0: no cap."""
         self.shape = (kv_heads, head_dim)
         self.dtype, self.device = dtype, device
         self.rows_cap, self.cols_cap = 0, 0
@@ -199,6 +204,8 @@ class _SlotKV:
             return
         new_rows = max(rows, min(2 * self.rows_cap, self.max_rows)) if rows > self.rows_cap else self.rows_cap
         new_cols = max(cols, 2 * self.cols_cap, _INITIAL_COLS) if cols > self.cols_cap else self.cols_cap
+        if self.max_cells and new_rows * new_cols > self.max_cells:  # grow no further than the budget allows
+            new_cols = max(cols, self.cols_cap, self.max_cells // max(1, new_rows))
         heads, dim = self.shape
         for bufs in (self.k, self.v):
             for i, old in enumerate(bufs):
@@ -269,6 +276,7 @@ class TorchBackend:
         self._kv_usage = 0.0
         self._steps = 0
         self._prefix = _PrefixCache(0)
+        self._kv_cells = 0
         self._staging: _Seq | None = None
         """The long prompt being prefilled in chunks (at most one at a time); owned by the engine thread."""
         self._stage_kv: _SlotKV | None = None
@@ -288,6 +296,8 @@ class TorchBackend:
                 max_model_len=settings.max_model_len,
                 threads=settings.threads,
                 prefix_cache_mb=settings.prefix_cache_mb,
+                kv_cache_mb=settings.kv_cache_mb,
+                kv_cache_fraction=settings.kv_cache_fraction,
                 weights_dtype=settings.weights_dtype,
             )
         )
@@ -383,6 +393,23 @@ class TorchBackend:
             max_len = int(window)
         if cfg.max_model_len:
             max_len = min(max_len, cfg.max_model_len)
+        heads = int(text_cfg.num_attention_heads)
+        kv_heads = int(getattr(text_cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads)
+        layers = int(text_cfg.num_hidden_layers)
+        cell_bytes = layers * 2 * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+        budget = (
+            cfg.kv_cache_mb * 2**20 if cfg.kv_cache_mb is not None else cfg.kv_cache_fraction * _free_memory(device)
+        )
+        self._kv_cells = int(budget // cell_bytes)
+        """KV columns x rows the budget holds: one column of one row is one token of one sequence."""
+        if self._kv_cells < max_len:
+            # A sequence longer than the whole budget could never run: the context is what fits (a longer request
+            # is refused at admission with context_length_exceeded).
+            log.info(
+                "KV budget %.0f MB holds %d tokens: context capped from %d", budget / 2**20, self._kv_cells, max_len
+            )
+            max_len = max(16, self._kv_cells)
         eos = set(self._tokenizer.eos_token_ids)
         gen_eos = getattr(model.generation_config, "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
@@ -391,11 +418,9 @@ class TorchBackend:
             max_model_len=max_len, eos_token_ids=tuple(sorted(eos)), vocab_size=vocab, max_running=cfg.max_batch_size
         )
         self._sampler = Sampler(vocab, sorted(eos), self._device)
-        heads = int(text_cfg.num_attention_heads)
-        kv_heads = int(getattr(text_cfg, "num_key_value_heads", None) or heads)
-        head_dim = int(getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads)
-        self._kv = _SlotKV(int(text_cfg.num_hidden_layers), kv_heads, head_dim, dtype, self._device)
+        self._kv = _SlotKV(layers, kv_heads, head_dim, dtype, self._device)
         self._kv.max_rows = cfg.max_batch_size
+        self._kv.max_cells = self._kv_cells
         self._prefix = _PrefixCache(cfg.prefix_cache_mb * 2**20)
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -479,10 +504,22 @@ class TorchBackend:
                 continue
             if group and (len(group) + 1) * max(longest, n) > budget:
                 break
+            if (running or group) and not self._fits([*running, *group, seq]):
+                break  # the KV budget is taken: it waits for a running sequence to end
             longest = max(longest, n)
             group.append(waiting.popleft())
         waiting.extendleft(reversed(held))
         return group
+
+    def _fits(self, seqs: list[_Seq]) -> bool:
+        """Whether these sequences can all run to their max_tokens within the KV budget (conservatively: every
+        row as wide as the widest span they could reach, since running rows share their columns)."""
+        if not self._kv_cells:
+            return True
+        running_span = self._col - min((s.start_col for s in seqs if s.output), default=self._col)
+        span = max([running_span, *(len(s.request.prompt_token_ids) for s in seqs)])
+        remaining = max(s.sampling.max_tokens - len(s.output) for s in seqs)
+        return len(seqs) * (span + remaining) <= self._kv_cells
 
     def _stage_chunk(self, waiting: deque[_Seq], out: list[tuple[str, TokenDelta]]) -> None:
         """Prefill the next chunk of the staged prompt into its own KV buffer; when at most one chunk is left,
@@ -764,6 +801,17 @@ class TorchBackend:
         except InvalidRequest as exc:
             seq.failed = exc.message
             return sp
+
+
+def _free_memory(device: str) -> float:
+    """Bytes free for the KV buffers: CUDA's free memory, or the host's available memory (/proc/meminfo)."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info()
+        return float(free)
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+        return float(line.split()[1]) * 1024
+    return 4.0 * 2**30  # unknown: assume 4 GiB free
 
 
 def _make_generator(sp: SamplingParams, device: torch.device) -> torch.Generator | None:
