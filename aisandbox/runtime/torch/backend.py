@@ -456,9 +456,11 @@ class TorchBackend:
                 elif kind == "abort":
                     self._abort(payload, waiting, running)
             out: list[tuple[str, TokenDelta]] = []
-            if self._staging is not None:
+            staged = self._staging is not None
+            if staged:
                 self._stage_chunk(waiting, out)
-            admitted = self._admit(waiting, running)
+            # After a chunk, the running rows decode before anything else prefills: one chunk's time per gap.
+            admitted = self._admit(waiting, running) if not (staged and running) else []
             if admitted:
                 self._prefill(admitted, running, out)
                 if out:  # the first tokens go out now, not after the decode step below (a step less of TTFT)
@@ -518,7 +520,10 @@ class TorchBackend:
             return True
         running_span = self._col - min((s.start_col for s in seqs if s.output), default=self._col)
         span = max([running_span, *(len(s.request.prompt_token_ids) for s in seqs)])
-        remaining = max(s.sampling.max_tokens - len(s.output) for s in seqs)
+        limit = self._info.max_model_len if self._info is not None else 0
+        remaining = max(
+            min(s.sampling.max_tokens, limit - len(s.request.prompt_token_ids)) - len(s.output) for s in seqs
+        )
         return len(seqs) * (span + remaining) <= self._kv_cells
 
     def _stage_chunk(self, waiting: deque[_Seq], out: list[tuple[str, TokenDelta]]) -> None:
