@@ -87,3 +87,14 @@ def test_swap_linears_keeps_bias(tiny_llama) -> None:  # type: ignore[no-untyped
         ref = layer(x)
         assert swap_linears(layer, FormatChoice.every("fp32")) == 1
         assert torch.allclose(layer(x), ref, atol=1e-5)
+
+
+def test_auto_dtype_is_the_tuned_float32_path_on_every_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bfloat16-capable CPUs used to get bfloat16 by default, which skips the lean forward and the kernels."""
+    import torch
+
+    from aisandbox.runtime.torch.backend import pick_dtype
+
+    assert pick_dtype("cpu", "auto") is torch.float32
+    assert pick_dtype("cuda", "auto") is torch.bfloat16
+    assert pick_dtype("cpu", "bfloat16") is torch.bfloat16
