@@ -1,0 +1,35 @@
+"""Responses input items become the chat messages the chat path already serves."""
+
+import pytest
+
+from aisandbox.errors import InvalidRequest
+from aisandbox.http.responses import input_to_messages
+from aisandbox.http.schemas import ChatMessageIn
+
+
+def test_string_input_and_instructions():
+    assert input_to_messages("be brief", "hi") == [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+    ]
+
+
+def test_function_call_round_trip_items():
+    items = [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "weather?"}]},
+        {"type": "function_call", "call_id": "c1", "name": "get", "arguments": '{"city":"Oslo"}'},
+        {"type": "function_call", "call_id": "c2", "name": "get", "arguments": '{"city":"Rome"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "5C"},
+    ]
+    messages = input_to_messages(None, items)
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool"]
+    assert [c["id"] for c in messages[1]["tool_calls"]] == ["c1", "c2"]
+    for message in messages:
+        ChatMessageIn.model_validate(message)
+
+
+def test_unsupported_items_are_refused():
+    with pytest.raises(InvalidRequest, match="input_image"):
+        input_to_messages(None, [{"role": "user", "content": [{"type": "input_image"}]}])
+    with pytest.raises(InvalidRequest, match="web_search_call"):
+        input_to_messages(None, [{"type": "web_search_call"}])
