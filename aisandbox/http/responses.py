@@ -55,3 +55,64 @@ def input_to_messages(instructions: str | None, items: str | list[dict[str, Any]
         else:
             raise InvalidRequest(f"{where}: input items of type '{kind}' are not supported", param=where)
     return messages
+
+
+def response_body(
+    rid: str,
+    created: int,
+    model: str,
+    text: str | None,
+    calls: list[tuple[str, str, str]],
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    request: dict[str, Any],
+) -> dict[str, Any]:
+    """A completed (or max_output_tokens-incomplete) Response object; `calls` are (call_id, name, arguments)."""
+    output: list[dict[str, Any]] = []
+    if text:
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        output.append(
+            {"type": "message", "id": f"msg_{rid[5:]}", "status": "completed", "role": "assistant", "content": [part]}
+        )
+    for n, (call_id, name, arguments) in enumerate(calls):
+        output.append(
+            {
+                "type": "function_call",
+                "id": f"fc_{rid[5:]}_{n}",
+                "call_id": call_id,
+                "name": name,
+                "arguments": arguments,
+                "status": "completed",
+            }
+        )
+    incomplete = finish_reason == "length"
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": created,
+        "status": "incomplete" if incomplete else "completed",
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "instructions": request.get("instructions"),
+        "max_output_tokens": request.get("max_output_tokens"),
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": request.get("parallel_tool_calls", True),
+        "previous_response_id": request.get("previous_response_id"),
+        "temperature": request.get("temperature", 1.0),
+        "top_p": request.get("top_p", 1.0),
+        "tool_choice": request.get("tool_choice", "auto"),
+        "tools": request.get("tools", []),
+        "text": request.get("text", {"format": {"type": "text"}}),
+        "truncation": "disabled",
+        "store": request.get("store", True),
+        "metadata": request.get("metadata") or {},
+        "usage": {
+            "input_tokens": prompt_tokens,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }

@@ -33,3 +33,14 @@ def test_unsupported_items_are_refused():
         input_to_messages(None, [{"role": "user", "content": [{"type": "input_image"}]}])
     with pytest.raises(InvalidRequest, match="web_search_call"):
         input_to_messages(None, [{"type": "web_search_call"}])
+
+
+def test_response_body_matches_openapi(openapi_validate):
+    from aisandbox.http.responses import response_body
+
+    body = response_body("resp_abc", 1, "m", "hello", [("c1", "get", "{}")], "stop", 3, 2, {"input": "hi"})
+    openapi_validate(body, "Response")
+    assert body["status"] == "completed" and body["usage"]["total_tokens"] == 5
+    cut = response_body("resp_abc", 1, "m", "hel", [], "length", 3, 1, {"max_output_tokens": 1})
+    openapi_validate(cut, "Response")
+    assert cut["status"] == "incomplete" and cut["incomplete_details"] == {"reason": "max_output_tokens"}
