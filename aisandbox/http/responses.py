@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aisandbox.errors import InvalidRequest
+from aisandbox.errors import InvalidRequest, UnsupportedParameter
 
 
 def _text(content: Any, where: str) -> str:
@@ -116,3 +116,22 @@ def response_body(
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }
+
+
+_REFUSED = ("background", "reasoning", "conversation", "prompt", "include", "context_management")
+_BUILT_IN_TOOLS = ("web_search", "file_search", "computer_use", "code_interpreter", "image_generation", "mcp")
+
+
+def check_refused(body: dict[str, Any]) -> None:
+    """400 naming every field this server refuses: background runs, reasoning, built-in (hosted) tools."""
+    names = [name for name in _REFUSED if body.get(name) not in (None, False, [], {})]
+    for i, tool in enumerate(body.get("tools") or []):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            names.append(f"tools[{i}] (type '{kind}')")
+    if names:
+        raise UnsupportedParameter(
+            names[0].split(" ")[0],
+            f"Not supported by this server: {', '.join(names)}. Only function tools run here; "
+            f"hosted tools ({', '.join(_BUILT_IN_TOOLS)}), background runs and reasoning items do not.",
+        )

@@ -44,3 +44,13 @@ def test_response_body_matches_openapi(openapi_validate):
     cut = response_body("resp_abc", 1, "m", "hel", [], "length", 3, 1, {"max_output_tokens": 1})
     openapi_validate(cut, "Response")
     assert cut["status"] == "incomplete" and cut["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_refused_fields_are_named():
+    from aisandbox.errors import UnsupportedParameter
+    from aisandbox.http.responses import check_refused
+
+    check_refused({"input": "hi", "tools": [{"type": "function", "name": "f"}], "background": False})
+    with pytest.raises(UnsupportedParameter) as info:
+        check_refused({"input": "hi", "background": True, "tools": [{"type": "web_search"}]})
+    assert "background" in str(info.value) and "web_search" in str(info.value)
