@@ -135,3 +135,48 @@ def check_refused(body: dict[str, Any]) -> None:
             f"Not supported by this server: {', '.join(names)}. Only function tools run here; "
             f"hosted tools ({', '.join(_BUILT_IN_TOOLS)}), background runs and reasoning items do not.",
         )
+
+
+def text_events(final: dict[str, Any], deltas: list[str]) -> list[dict[str, Any]]:
+    """The event sequence for a text-only response (sequence_number from 0), ending in completed/incomplete."""
+    start = {**final, "status": "in_progress", "output": [], "incomplete_details": None}
+    start.pop("usage")
+    message = final["output"][0]
+    item_id = message["id"]
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": start},
+        {"type": "response.in_progress", "response": start},
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {**message, "status": "in_progress", "content": []},
+        },
+        {
+            "type": "response.content_part.added",
+            "item_id": item_id,
+            "output_index": 0,
+            "content_index": 0,
+            "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []},
+        },
+    ]
+    for delta in deltas:
+        events.append(
+            {
+                "type": "response.output_text.delta",
+                "item_id": item_id,
+                "output_index": 0,
+                "content_index": 0,
+                "delta": delta,
+                "logprobs": [],
+            }
+        )
+    text = message["content"][0]["text"]
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    events.append({"type": "response.output_text.done", **where, "text": text, "logprobs": []})
+    events.append({"type": "response.content_part.done", **where, "part": message["content"][0]})
+    events.append({"type": "response.output_item.done", "output_index": 0, "item": message})
+    done = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
+    events.append({"type": done, "response": final})
+    for n, event in enumerate(events):
+        event["sequence_number"] = n
+    return events

@@ -54,3 +54,16 @@ def test_refused_fields_are_named():
     with pytest.raises(UnsupportedParameter) as info:
         check_refused({"input": "hi", "background": True, "tools": [{"type": "web_search"}]})
     assert "background" in str(info.value) and "web_search" in str(info.value)
+
+
+def test_text_events_order_and_deltas(openapi_validate):
+    from aisandbox.http.responses import response_body, text_events
+
+    final = response_body("resp_abc", 1, "m", "hello", [], "stop", 3, 2, {"input": "hi"})
+    events = text_events(final, ["hel", "lo"])
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[0]["type"] == "response.created" and events[-1]["type"] == "response.completed"
+    deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+    assert "".join(deltas) == "hello"
+    for event in events:
+        openapi_validate(event, "ResponseStreamEvent")
