@@ -114,6 +114,12 @@ class ServerSettings(BaseSettings):
     graceful_timeout_s: int | None = Field(default=None, ge=1)
     """Seconds gunicorn waits for a worker on SIGTERM before it kills it; never less than
     `drain_timeout_s` + 15 (the drain, then the engine's shutdown), which is also the default."""
+    data_dir: Path = Field(default_factory=lambda: _default_cache_dir() / "data")
+    """Where the default SQLite response store (`responses.db`) lives."""
+    response_store_url: str | None = None
+    """Database for stored responses: `postgresql://...` for PostgreSQL; default SQLite in `data_dir`."""
+    response_retention_days: int = Field(default=30, ge=0, le=3650)
+    """Stored responses older than this are deleted (0 keeps them forever)."""
 
     @model_validator(mode="after")
     def _one_model_source(self) -> ServerSettings:
