@@ -14,6 +14,8 @@ __all__ = [
     "EngineNotReady",
     "InvalidRequest",
     "ModelNotFound",
+    "NotFound",
+    "StoreUnavailable",
     "Overloaded",
     "ServerShuttingDown",
     "UnsupportedParameter",
@@ -61,6 +63,20 @@ class ModelNotFound(AisandboxError):
             param="model",
             code="model_not_found",
         )
+
+
+class NotFound(AisandboxError):
+    """A stored object (a response) that does not exist or was deleted."""
+
+    def __init__(self, what: str, param: str | None = None) -> None:
+        super().__init__(what, param=param, code="not_found")
+
+
+class StoreUnavailable(AisandboxError):
+    """The response store cannot be read or written."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="store_unavailable")
 
 
 class Overloaded(AisandboxError):

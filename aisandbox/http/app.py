@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -25,8 +26,8 @@ import falcon.asgi
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from aisandbox.errors import InvalidRequest, ModelNotFound, UnsupportedParameter
-from aisandbox.http import schemas
+from aisandbox.errors import InvalidRequest, ModelNotFound, NotFound, UnsupportedParameter
+from aisandbox.http import responses, schemas
 from aisandbox.http.errors import (
     InvalidJson,
     RequestTooLarge,
@@ -45,6 +46,7 @@ from aisandbox.runtime.structured.tools.plan import ToolPlan, plan_tools
 from aisandbox.runtime.structured.tools.specs import ToolCall
 from aisandbox.runtime.types import TextDelta
 from aisandbox.settings import ServerSettings
+from aisandbox.store.base import ResponseStore, StoredResponse
 
 __all__ = ["DISCONNECT_KEY", "create_app"]
 
@@ -544,6 +546,135 @@ class CompletionsResource(_GenerateResource):
         return [schemas.completion_chunk(rid, created, self.settings.model_name, index, text, reason, logprobs)]
 
 
+class _RawJson:
+    """A "schema" that keeps the parsed JSON object as it is (the Responses body converts itself later)."""
+
+    @classmethod
+    def model_validate(cls, body: dict[str, Any]) -> dict[str, Any]:
+        return body
+
+
+class ResponsesResource(ChatCompletionsResource):
+    """POST /v1/responses: the Responses API as one more front end over the chat path (same admission, same
+    Generation), converting the request in and the answer or the stream's chunks out; stored when `store`."""
+
+    def __init__(self, *deps: Any, store: Callable[[], ResponseStore]) -> None:
+        super().__init__(*deps)
+        self._store = store
+
+    async def _parse(self, req: falcon.asgi.Request) -> Any:
+        settings = self.settings
+        raw = await read_request(req, settings.max_body_bytes, settings.max_json_depth, _RawJson, self.limits)  # type: ignore[arg-type]
+        responses.check_refused(raw)
+        items = responses.input_items(raw)
+        history: list[dict[str, Any]] = []
+        previous = raw.get("previous_response_id")
+        if previous is not None:
+            stored = await asyncio.get_running_loop().run_in_executor(None, self._store().get, str(previous))
+            if stored is None:
+                raise InvalidRequest(
+                    f"Previous response with id '{previous}' not found.",
+                    param="previous_response_id",
+                    code="previous_response_not_found",
+                )
+            history = [*stored.input_items, *responses.output_to_input_items(stored.response)]
+        req.context.responses = (raw, [*history, *items])
+        try:
+            return schemas.ChatCompletionRequest.model_validate(responses.to_chat_body(raw, [*history, *items]))
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+
+    async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        await super().on_post(req, resp)
+        raw, items = req.context.responses
+        if resp.sse is not None:
+            resp.sse = self._events(resp.sse, raw, items)
+        elif isinstance(resp.media, dict) and "choices" in resp.media:
+            body = responses.chat_to_response(resp.media, raw)
+            await self._keep(body, raw, items)
+            resp.media = body
+
+    async def _keep(self, body: dict[str, Any], raw: dict[str, Any], items: list[dict[str, Any]]) -> None:
+        if raw.get("store", True) is False:
+            return
+        stored = StoredResponse(body["id"], body["created_at"], body, items)
+        await asyncio.get_running_loop().run_in_executor(None, self._store().put, stored)
+
+    async def _events(
+        self, chunks: AsyncIterator[falcon.asgi.SSEvent], raw: dict[str, Any], items: list[dict[str, Any]]
+    ) -> AsyncIterator[falcon.asgi.SSEvent]:
+        adapter = responses.StreamAdapter(raw)
+        async for sse in chunks:
+            text = sse.text if sse.text is not None else ""
+            if not text or text == "[DONE]":  # OpenAI's Responses stream has no [DONE]
+                continue
+            for event in adapter.chunk(json.loads(text)):
+                yield falcon.asgi.SSEvent(event=event["type"], text=_dumps(event))
+        if adapter.final is not None:
+            await self._keep(adapter.final, raw, items)
+
+
+class StoredResponsesResource(_Base):
+    """GET/DELETE /v1/responses/{response_id}, GET /v1/responses/{response_id}/input_items."""
+
+    def __init__(self, *deps: Any, store: Callable[[], ResponseStore]) -> None:
+        super().__init__(*deps)
+        self._store = store
+
+    async def _get(self, response_id: str) -> StoredResponse:
+        stored = await asyncio.get_running_loop().run_in_executor(None, self._store().get, response_id)
+        if stored is None:
+            raise NotFound(f"No response found with id '{response_id}'.", param="response_id")
+        return stored
+
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, response_id: str) -> None:
+        resp.media = (await self._get(response_id)).response
+
+    async def on_delete(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, response_id: str) -> None:
+        deleted = await asyncio.get_running_loop().run_in_executor(None, self._store().delete, response_id)
+        if not deleted:
+            raise NotFound(f"No response found with id '{response_id}'.", param="response_id")
+        resp.media = {"id": response_id, "object": "response", "deleted": True}
+
+    async def on_get_items(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, response_id: str) -> None:
+        stored = await self._get(response_id)
+        data = []
+        for n, item in enumerate(stored.input_items):
+            shown = dict(item)
+            if shown.get("type", "message") == "message":
+                content = shown.get("content")
+                if isinstance(content, str):
+                    content = [{"type": "input_text", "text": content}]
+                shown = {"type": "message", "role": shown.get("role"), "content": content, "status": "completed"}
+            shown.setdefault("id", f"item_{response_id[5:]}_{n}")
+            data.append(shown)
+        resp.media = {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": False,
+        }
+
+
+def _store_opener(settings: ServerSettings) -> Callable[[], ResponseStore]:
+    """Open the response store on first use (per worker), then keep it."""
+    opened: list[ResponseStore] = []
+    lock = threading.Lock()
+
+    def get() -> ResponseStore:
+        with lock:
+            if not opened:
+                from aisandbox.store import open_store
+
+                opened.append(
+                    open_store(settings.response_store_url, settings.data_dir, settings.response_retention_days)
+                )
+            return opened[0]
+
+    return get
+
+
 def create_app(settings: ServerSettings, engine: Engine) -> DisconnectWatch:
     """Build the ASGI app around an engine (not yet started: the lifespan starts it)."""
     metrics = Metrics(engine)
@@ -559,6 +690,11 @@ def create_app(settings: ServerSettings, engine: Engine) -> DisconnectWatch:
     app.add_route("/v1/models/{model_id:path}", models, suffix="one")
     app.add_route("/v1/chat/completions", ChatCompletionsResource(*deps))
     app.add_route("/v1/completions", CompletionsResource(*deps))
+    store = _store_opener(settings)
+    app.add_route("/v1/responses", ResponsesResource(*deps, store=store))
+    stored = StoredResponsesResource(*deps, store=store)
+    app.add_route("/v1/responses/{response_id}", stored)
+    app.add_route("/v1/responses/{response_id}/input_items", stored, suffix="items")
     app.add_sink(policy.unrouted)  # deny by default: an unknown path needs the key before it gets its 404
     register_error_handlers(app)
     return DisconnectWatch(app, settings.max_body_bytes, lifecycle)

@@ -15,7 +15,9 @@ from aisandbox.errors import (
     EngineNotReady,
     InvalidRequest,
     ModelNotFound,
+    NotFound,
     Overloaded,
+    StoreUnavailable,
 )
 from aisandbox.http.schemas import error_body
 
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 # error class -> (HTTP status, OpenAI error type); the first match in this order wins.
 _MAP: tuple[tuple[type[AisandboxError], int, str], ...] = (
     (ModelNotFound, 404, "invalid_request_error"),
+    (NotFound, 404, "invalid_request_error"),
+    (StoreUnavailable, 503, "server_error"),
     (InvalidRequest, 400, "invalid_request_error"),
     (Overloaded, 429, "rate_limit_error"),
     (EngineNotReady, 503, "server_error"),

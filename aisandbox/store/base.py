@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aisandbox.errors import AisandboxError
+from aisandbox.errors import StoreUnavailable
 
-
-class StoreUnavailable(AisandboxError):
-    """The response store cannot be read or written (maps to 503 store_unavailable)."""
+__all__ = ["ResponseStore", "StoreUnavailable", "StoredResponse"]
 
 
 @dataclass(frozen=True)
