@@ -27,7 +27,7 @@ ARG XGRAMMAR_VERSION=0.1.25
 RUN python3 -m pip install -c /opt/image-constraints.txt \
         "falcon>=4.0,<5" "gunicorn>=23" "uvicorn>=0.30" "uvicorn-worker>=0.2" "pydantic-settings>=2.3" \
         "prometheus-client>=0.20" "mistral-common>=1.5" "gguf>=0.10" "httpx>=0.27" "pyyaml>=6" "nvidia-ml-py>=12" \
-        "jsonschema>=4.20" "xgrammar==${XGRAMMAR_VERSION}"
+        "jsonschema>=4.20" "xgrammar==${XGRAMMAR_VERSION}" "psycopg[binary]>=3.1"
 
 COPY pyproject.toml README.md ./
 COPY configs ./configs

