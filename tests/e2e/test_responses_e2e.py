@@ -142,3 +142,30 @@ def test_a_stored_response_survives_a_restart(
     finally:
         assert second.stop() == 0
     assert (tmp_path / "data" / "responses.db").is_file()
+
+
+def test_the_openai_agents_sdk_calls_a_function_tool(server: Server) -> None:
+    """The openai-agents SDK with its default model class (OpenAIResponsesModel) runs a function tool."""
+    import asyncio
+
+    agents = pytest.importorskip("agents")
+    from openai import AsyncOpenAI
+
+    agents.set_tracing_disabled(True)
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return f"Sunny in {city}"
+
+    client = AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    agent = agents.Agent(
+        name="weather",
+        instructions="Answer with the weather tool.",
+        tools=[get_weather],
+        model=agents.OpenAIResponsesModel(model=server.model, openai_client=client),
+        model_settings=agents.ModelSettings(tool_choice="required", parallel_tool_calls=False, max_tokens=60),
+        tool_use_behavior="stop_on_first_tool",
+    )
+    result = asyncio.run(agents.Runner.run(agent, "What is the weather in Paris?"))
+    assert str(result.final_output).startswith("Sunny in")
