@@ -412,6 +412,7 @@ class StreamAdapter:
                 self._event(
                     "response.function_call_arguments.done",
                     item_id=call["id"],
+                    name=call["name"],
                     output_index=call["output_index"],
                     arguments=call["arguments"],
                 )

@@ -44,6 +44,8 @@ def test_create_retrieve_items_delete(client: openai.OpenAI, server: Server, ope
     assert response.status in ("completed", "incomplete") and response.usage is not None
     again = client.responses.retrieve(response.id)
     assert again.output_text == response.output_text
+    openapi_validate(httpx.get(f"{server.base_url}/responses/{response.id}").json(), "Response")
+    openapi_validate(httpx.get(f"{server.base_url}/responses/{response.id}/input_items").json(), "ResponseItemList")
     items = client.responses.input_items.list(response.id)
     assert [i.type for i in items.data] == ["message"] and items.data[0].role == "user"  # type: ignore[union-attr]
     client.responses.delete(response.id)
@@ -78,6 +80,24 @@ def test_stream_events_in_order(client: openai.OpenAI, server: Server, openapi_v
     with client.responses.stream(model=server.model, input="Say hi.", max_output_tokens=8) as stream:
         seen = [event.type for event in stream]  # the SDK parses every event
     assert seen[0] == "response.created" and seen[-1] in ("response.completed", "response.incomplete")
+
+
+def test_a_streamed_function_call(server: Server, openapi_validate: Validate) -> None:
+    body = {
+        "model": server.model, "input": "What is the weather in Paris?", "tools": [WEATHER], "tool_choice": "required",
+        "parallel_tool_calls": False, "max_output_tokens": 60, "temperature": 0, "stream": True,
+    }  # fmt: skip
+    with httpx.stream("POST", f"{server.base_url}/responses", json=body, timeout=120) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    for e in events:
+        openapi_validate(e, "ResponseStreamEvent")
+    kinds = [e["type"] for e in events]
+    assert "response.function_call_arguments.done" in kinds and kinds[-1] == "response.completed"
+    args = "".join(e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta")
+    done = next(e for e in events if e["type"] == "response.function_call_arguments.done")
+    assert args == done["arguments"] and json.loads(args)["city"]
+    (call,) = [i for i in events[-1]["response"]["output"] if i["type"] == "function_call"]
+    assert call["arguments"] == args and call["name"] == "get_weather"
 
 
 def test_a_function_call_round_trip(client: openai.OpenAI, server: Server) -> None:
