@@ -52,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["auto", "fp32", "fp16", "bf16", "int8", "int4", "q4_1", "q4_1p", "q8_1", "q8_0"],
         help="torch backend on CPU: linear weight format; auto measures (default), fp32 is exact",
     )
+    p.add_argument(
+        "--retime-cpu-formats",
+        action="store_const",
+        const=True,
+        help="CPU: time the weight formats again instead of reusing this machine's cached choice",
+    )
     p.add_argument("--tokenizer-mode", choices=["auto", "hf", "mistral"])
     p.add_argument("--max-batch-size", type=int)
     p.add_argument("--max-model-len", type=int)

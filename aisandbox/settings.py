@@ -62,6 +62,9 @@ class ServerSettings(BaseSettings):
     now waits for running sequences to end."""
     kv_cache_fraction: float = Field(default=0.5, gt=0, le=0.95)
     """Torch backend: share of free memory (host, or GPU) for the KV cache when kv_cache_mb is not set."""
+    retime_cpu_formats: bool = False
+    """Torch backend on CPU: time the weight formats again at this start (and cache the new choice) instead of
+    reusing the choice cached for this CPU, model and kernel build."""
     max_queue: int = Field(default=256, ge=1)
     """Waiting requests beyond which new ones get 429."""
     max_n: int = Field(default=16, ge=1, le=128)

@@ -98,3 +98,33 @@ def test_auto_dtype_is_the_tuned_float32_path_on_every_cpu(monkeypatch: pytest.M
     assert pick_dtype("cpu", "auto") is torch.float32
     assert pick_dtype("cuda", "auto") is torch.bfloat16
     assert pick_dtype("cpu", "bfloat16") is torch.bfloat16
+
+
+def test_the_auto_choice_is_cached_per_machine_and_model(
+    tiny_llama: torch.nn.Module, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stable choice: timed once, cached next to the kernels, reused by later starts; --retime-cpu-formats
+    times it again; a choice timed while the machine is busy is used but not kept."""
+    from aisandbox.runtime.torch import cpu_forward
+
+    calls = 0
+    measure = cpu_forward.measure_formats
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_forward, "measure_formats", counting)
+    monkeypatch.setattr(cpu_forward, "_busy", lambda: "; busy")
+    with torch.inference_mode():
+        _, line = build_cpu_forward(copy.deepcopy(tiny_llama), "auto", budget_s=0.05, cache_dir=tmp_path)
+        assert "not cached" in line and not list(tmp_path.glob("formats-*.json"))
+        monkeypatch.setattr(cpu_forward, "_busy", lambda: "")
+        _, line = build_cpu_forward(copy.deepcopy(tiny_llama), "auto", budget_s=0.05, cache_dir=tmp_path)
+        assert "measured and cached" in line and len(list(tmp_path.glob("formats-*.json"))) == 1
+        timed = calls
+        fwd, line = build_cpu_forward(copy.deepcopy(tiny_llama), "auto", budget_s=0.05, cache_dir=tmp_path)
+        assert "choice cached" in line and calls == timed and fwd is not None  # no timing at this start
+        _, line = build_cpu_forward(copy.deepcopy(tiny_llama), "auto", budget_s=0.05, cache_dir=tmp_path, retime=True)
+        assert "measured and cached" in line and calls > timed

@@ -76,6 +76,8 @@ class TorchEngineConfig:
     kv_cache_mb: float | None = None
     """Memory for the running sequences' KV buffers, MiB; None: `kv_cache_fraction` of the memory free at load."""
     kv_cache_fraction: float = 0.5
+    retime_cpu_formats: bool = False
+    """Time the CPU weight formats again instead of using the choice cached for this machine and model."""
     weights_dtype: str = "auto"
     """CPU float32 models: linear-layer weight format, `auto` (measured per row count at load), fp32 (exact),
     bf16, int8 or int4 (see `cpu_weights`)."""
@@ -301,6 +303,7 @@ class TorchBackend:
                 prefix_cache_mb=settings.prefix_cache_mb,
                 kv_cache_mb=settings.kv_cache_mb,
                 kv_cache_fraction=settings.kv_cache_fraction,
+                retime_cpu_formats=settings.retime_cpu_formats,
                 weights_dtype=settings.weights_dtype,
             )
         )
@@ -382,7 +385,10 @@ class TorchBackend:
         if device == "cpu" and dtype == torch.float32:
             with torch.inference_mode():
                 q4 = load_q4_file(model_path) if cfg.weights_dtype in ("auto", *FROM_Q4) else {}
-                self._fast, choice = build_cpu_forward(model, cfg.weights_dtype, q4)
+                kernels_dir = (cfg.cache_dir or Path.home() / ".cache" / "aisandbox") / "kernels"
+                self._fast, choice = build_cpu_forward(
+                    model, cfg.weights_dtype, q4, cache_dir=kernels_dir, retime=cfg.retime_cpu_formats
+                )
             if self._fast is not None:
                 release_decoder_layers(model)
             log.info("%s", choice)

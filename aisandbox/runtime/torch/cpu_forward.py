@@ -11,6 +11,8 @@ transformers' forward, with its Linear layers swapped for `BucketedLinear`s.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,14 +331,53 @@ def swap_linears(
     return swapped
 
 
+def _busy() -> str:
+    """A note when the machine is busy (its timings then mislead), else ""."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        load = float(Path("/proc/loadavg").read_text().split()[0])
+        if load > 0.5 * torch.get_num_threads():
+            return f"; measured while the machine was busy (load {load:.1f}), pin --weights-dtype if it is off"
+    return ""
+
+
+def _choice_path(cache_dir: Path, identity: dict[str, Any]) -> Path:
+    """The cached format choice of one CPU identity, model shape, kernel source and torch build."""
+    blob = json.dumps(identity, sort_keys=True).encode()
+    return cache_dir / f"formats-{hashlib.sha256(blob).hexdigest()[:16]}.json"
+
+
+def _load_choice(path: Path) -> tuple[FormatChoice, FormatChoice] | None:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        data = json.loads(path.read_text())
+        return FormatChoice(tuple(data["body"])), FormatChoice(tuple(data["head"]))
+    return None
+
+
+def _save_choice(path: Path, body: FormatChoice, head: FormatChoice, identity: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"body": body.by_bucket, "head": head.by_bucket, "identity": identity}))
+        tmp.replace(path)  # atomic: a concurrent start reads the whole file or none
+
+
 def build_cpu_forward(
-    model: Any, weights_dtype: str, q4: dict[str, Q4Weights] | None = None, budget_s: float = 1.0
+    model: Any,
+    weights_dtype: str,
+    q4: dict[str, Q4Weights] | None = None,
+    budget_s: float = 1.0,
+    cache_dir: Path | None = None,
+    retime: bool = False,
 ) -> tuple[CpuForward | None, str]:
     """Choose the weight formats for this machine and build the forward; returns (lean forward or None, log line).
 
     weights_dtype: `auto` measures every format; a format's name uses it at every row count. A model whose
     head has no 4-bit source never gets an int4 head from `auto` (requantizing the output layer to 4 bits
     changes greedy picks far more than the body does).
+    cache_dir: where `auto` keeps its choice (formats-<hash>.json, keyed by the CPU's identity and flags, the
+    model's shapes, the kernel source, torch's version and the thread count), so that every later start serves
+    with the same formats; a choice timed while the machine was busy is used but not kept. None: no cache.
+    retime: time the formats again even when a choice is cached (and keep the new one).
     """
     reason = lean_unsupported(model)
     lean = reason is None
@@ -344,11 +385,29 @@ def build_cpu_forward(
     q4 = q4 or {}
     flags = cpu_flags()
     busy = ""
-    if weights_dtype == "auto":
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            load = float(Path("/proc/loadavg").read_text().split()[0])
-            if load > 0.5 * torch.get_num_threads():
-                busy = f"; measured while the machine was busy (load {load:.1f}), pin --weights-dtype if it is off"
+    cached: tuple[FormatChoice, FormatChoice] | None = None
+    path: Path | None = None
+    identity: dict[str, Any] = {}
+    if weights_dtype == "auto" and cache_dir is not None:
+        with contextlib.suppress(OSError):
+            identity = {
+                "cpu": cpu_kernels._cpu_identity(),
+                "flags": flags,
+                "body": [list(x) for x in body_shapes],
+                "head": list(head_shape),
+                "q4": sorted(q4),
+                "kernels": hashlib.sha256(cpu_kernels.SOURCE.read_bytes()).hexdigest(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "lean": lean,
+            }
+            path = _choice_path(cache_dir, identity)
+            cached = None if retime else _load_choice(path)
+    if cached is not None:
+        body, head = cached
+        busy = f"; choice cached in {path} (--retime-cpu-formats times it again)"
+    elif weights_dtype == "auto":
+        busy = _busy()
         # bf16 without bf16 dot-product instructions is emulated: 3x slower than fp32 at 16 rows on AVX2 (measured),
         # so it is timed only where the CPU has them.
         has_bf16 = any(f in flags for f in ("avx512_bf16", "amx_bf16"))
@@ -373,6 +432,11 @@ def build_cpu_forward(
             sample = measure_formats([(rows, head_shape[1], 1)], head_allowed, budget_s * 0.3)
             head_t = {key: ms * head_shape[0] / rows for key, ms in sample.items()}
         body, head = choose_formats(body_t, allowed), choose_formats(head_t, head_allowed)
+        if path is not None and not busy:
+            _save_choice(path, body, head, identity)
+            busy = f"; choice measured and cached in {path}"
+        elif path is not None:
+            busy += " (not cached: the next start times it again)"
     else:
         body = head = FormatChoice.every(weights_dtype)
         if weights_dtype in FROM_Q4 and "lm_head.weight" not in q4:
