@@ -8,23 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from aisandbox.artifacts import DeviceInfo, EngineManifest, LibraryVersions, ModelSummary, read_manifest, write_manifest
-from aisandbox.build_engine.profiles import list_profiles, load_profile
+from aisandbox.artifacts import read_manifest, write_manifest
+from aisandbox.build_engine.profiles import list_profiles
 from aisandbox.runtime.trtllm.backend import llm_runtime_kwargs
-from tests.unit.test_trtllm_kwargs import TRT_LLM_ARGS
-
-
-def manifest_for(name: str) -> EngineManifest:
-    p = load_profile(name)
-    return EngineManifest(
-        engine_hash="0",
-        created_at="",
-        aisandbox_version="",
-        gpu=DeviceInfo(0, "x", p.compute_capability, 1),
-        model=ModelSummary("MistralForCausalLM", "bfloat16", 1, 1, 1, 1, 1, 1, 1, 1, 1, "0"),
-        profile=p.to_engine_profile(),
-        versions=LibraryVersions("1.2.1", "10.13.3.9"),
-    )
+from tests.unit.test_trtllm_kwargs import TRT_LLM_ARGS, manifest_for
 
 
 @pytest.mark.parametrize("name", list_profiles())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from aisandbox.artifacts import EngineProfile
+from aisandbox.artifacts import EngineManifest, EngineProfile
 from aisandbox.build_engine.profiles import KV_PRECISIONS, WEIGHT_PRECISIONS, list_profiles, load_profile
 from aisandbox.build_engine.trt_build import (
     BuildSpec,
@@ -192,6 +192,24 @@ KV_CACHE_CONFIG = set(
     ]
 )
 # _tensorrt_engine.LLM's explicit parameters plus the TrtLlmArgs fields it validates **kwargs against.
+
+
+def manifest_for(name: str) -> EngineManifest:
+    """The manifest an engine built with profile `name` would carry (a tiny stand-in model)."""
+    from aisandbox.artifacts import DeviceInfo, LibraryVersions, ModelSummary
+
+    p = load_profile(name)
+    return EngineManifest(
+        engine_hash="0",
+        created_at="",
+        aisandbox_version="",
+        gpu=DeviceInfo(0, "x", p.compute_capability, 1),
+        model=ModelSummary("MistralForCausalLM", "bfloat16", 1, 1, 1, 1, 1, 1, 1, 1, 1, "0"),
+        profile=p.to_engine_profile(),
+        versions=LibraryVersions("1.2.1", "10.13.3.9"),
+    )
+
+
 TRT_LLM_ARGS = set(
     [
         "model",
@@ -334,18 +352,8 @@ def test_llm_build_kwargs_are_trt_llm_args() -> None:
 
 @pytest.mark.parametrize("name", list_profiles())
 def test_runtime_llm_kwargs_are_trt_llm_args(name: str) -> None:
-    from aisandbox.artifacts import DeviceInfo, EngineManifest, LibraryVersions, ModelSummary
-
     p = load_profile(name)
-    manifest = EngineManifest(
-        engine_hash="0",
-        created_at="",
-        aisandbox_version="",
-        gpu=DeviceInfo(0, "x", p.compute_capability, 1),
-        model=ModelSummary("MistralForCausalLM", "bfloat16", 1, 1, 1, 1, 1, 1, 1, 1, 1, "0"),
-        profile=p.to_engine_profile(),
-        versions=LibraryVersions("1.2.1", "10.13.3.9"),
-    )
+    manifest = manifest_for(name)
     kwargs = llm_runtime_kwargs(Path("/engines/e"), manifest)
     assert set(kwargs) <= TRT_LLM_ARGS
     assert set(kwargs["kv_cache_config"]) <= KV_CACHE_CONFIG
@@ -419,19 +427,8 @@ def test_scheduler_names_match_the_shared_api_record() -> None:
 
 @pytest.mark.parametrize("name", list_profiles())
 def test_runtime_kwargs_carry_tp_and_the_scheduler_policy(name: str) -> None:
-    from aisandbox.artifacts import DeviceInfo, EngineManifest, LibraryVersions, ModelSummary
-
     p = load_profile(name)
-    manifest = EngineManifest(
-        engine_hash="0",
-        created_at="",
-        aisandbox_version="",
-        gpu=DeviceInfo(0, "x", p.compute_capability, 1),
-        model=ModelSummary("MistralForCausalLM", "bfloat16", 1, 1, 1, 1, 1, 1, 1, 1, 1, "0"),
-        profile=p.to_engine_profile(),
-        versions=LibraryVersions("1.2.1", "10.13.3.9"),
-    )
-    kwargs = llm_runtime_kwargs(Path("/engines/e"), manifest)
+    kwargs = llm_runtime_kwargs(Path("/engines/e"), manifest_for(name))
     assert kwargs["tensor_parallel_size"] == p.tp_size
     assert set(kwargs["scheduler_config"]) <= SCHEDULER_CONFIG
     assert kwargs["scheduler_config"]["capacity_scheduler_policy"] in CAPACITY_SCHEDULER_POLICY
