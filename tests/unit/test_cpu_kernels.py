@@ -31,9 +31,13 @@ def ck() -> cpu_kernels.CpuKernels:
 # outputs, float32 activations (error at float32 rounding), over every group of six rows and the rest.
 @pytest.mark.parametrize(
     ("fmt", "rows", "tol"),
-    [("q4_1", r, 1e-3) for r in (1, 3, 4, 5, 17)] + [("q4_1p", r, 1e-5) for r in (1, 5, 6, 7, 16)],
+    [("q4_1", r, 1e-3) for r in (1, 3, 4, 5, 17)]
+    + [("q4_1p", r, 1e-5) for r in (1, 5, 6, 7, 16)]
+    + [("q4_1v", r, 1e-3) for r in (1, 7, 8, 9, 16, 17)],
 )
 def test_q4_1_formats_match_the_dequantized_weight_in_float32(ck, fmt: str, rows: int, tol: float) -> None:  # type: ignore[no-untyped-def]
+    if not supports(fmt, 48, 96):
+        pytest.skip(f"{fmt} is not served on this CPU (AVX-512 only); the builds test runs its plain loop")
     torch.manual_seed(rows)
     w = torch.randn(48, 96) * 0.05
     q4 = quantize_q4(w)
@@ -78,6 +82,7 @@ def test_the_kernels_need_whole_blocks_and_groups_of_outputs(ck) -> None:  # typ
     assert supports("q4_1", 48, 96) and supports("q8_1", 48, 96) and supports("q8_0", 48, 96)
     assert not supports("q4_1", 50, 96) and not supports("q8_0", 48, 100)
     assert supports("q4_1p", 48, 96) and not supports("q4_1p", 40, 96)  # panels of 16 outputs
+    assert not supports("q4_1v", 40, 96)
 
 
 def test_switched_off_means_no_kernels(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -210,26 +215,37 @@ def test_quantized_auto_turns_the_kernels_on_and_fp32_keeps_them_off(ck, tiny_ll
         assert fwd is not None and fwd.kernels is None and "C kernels off (exact fp32)" in line
 
 
-def test_the_plain_c_build_matches_the_vector_one(ck, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A CPU without AVX2 and FMA gets the plain loops of the same source: build them here and compare."""
+# The builds a CPU can get from the one source: plain C (no AVX2/FMA), AVX2 (no AVX-512) and, natively here,
+# AVX-512 where the CPU has it. Each is built here with the flags that a CPU without the rest would get.
+_BUILDS = {"plain": ["-mno-avx2", "-mno-fma"], "avx2": ["-mno-avx512f"]}
+
+
+@pytest.mark.parametrize("build", sorted(_BUILDS))
+def test_every_build_matches_the_native_one(ck, tmp_path, build: str) -> None:  # type: ignore[no-untyped-def]
+    """A CPU without AVX-512 gets the AVX2 loops, one without AVX2 and FMA the plain ones: build them here and
+    compare them with this CPU's own build (with AVX-512 where it has it, so the two vector paths meet too)."""
     import ctypes
     import subprocess
 
+    from aisandbox.runtime.torch.cpu_weights import cpu_flags
+
+    if build == "avx2" and not {"avx512f", "avx512bw"} <= set(cpu_flags()):
+        pytest.skip("this CPU has no AVX-512: its native build is the AVX2 one")
     cc = cpu_kernels._compiler()
     assert cc is not None
-    out = tmp_path / "plain.so"
-    flags = [*cpu_kernels.FLAGS, "-mno-avx2", "-mno-fma"]
+    out = tmp_path / f"{build}.so"
+    flags = [*cpu_kernels.FLAGS, *_BUILDS[build]]
     subprocess.run([cc, *flags, "-o", str(out), str(cpu_kernels.SOURCE), "-lm"], check=True, timeout=120)
     plain = cpu_kernels.CpuKernels(ctypes.CDLL(str(out)), out)
     torch.manual_seed(0)
     w = torch.randn(48, 96) * 0.05
     q4 = quantize_q4(w)
     with torch.inference_mode():
-        for fmt in ("q4_1", "q4_1p", "q8_1", "q8_0"):
+        for fmt in ("q4_1", "q4_1p", "q4_1v", "q8_1", "q8_0"):
             native = make_linear(fmt, w, q4 if fmt != "q8_0" else None)
             slow = copy.copy(native)
             slow.fn = getattr(plain, native.fn.__name__)
-            for rows in (1, 5, 17):
+            for rows in (1, 4, 5, 12, 17, 30):
                 x = torch.randn(rows, 96)
                 a, b = native(x), slow(x)
                 assert (a - b).abs().max() <= 1e-4 * a.abs().max(), (fmt, rows)

@@ -412,7 +412,9 @@ def build_cpu_forward(
         # so it is timed only where the CPU has them.
         has_bf16 = any(f in flags for f in ("avx512_bf16", "amx_bf16"))
         allowed = [f for f in FORMATS if f != "bf16" or has_bf16]
-        head_allowed = allowed if "lm_head.weight" in q4 else [f for f in allowed if f not in ("int4", "q4_1", "q4_1p")]
+        head_allowed = (
+            allowed if "lm_head.weight" in q4 else [f for f in allowed if f not in ("int4", "q4_1", "q4_1p", "q4_1v")]
+        )
         if q4:
             # A GGUF source: never requantize its weights onto another grid (int8's per-row and q8_0's symmetric
             # steps cannot hold Q4_1's d*q + m; int4 rounds activations to bf16): those cost greedy agreement

@@ -41,6 +41,7 @@ _SIGNATURES = {
     ],
     "q4_1_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "q4_1p_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
+    "q4_1v_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "q8_0_matmul": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "q8_1_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
 }  # fmt: skip
@@ -61,6 +62,7 @@ class CpuKernels:
         self.rope_store_attend = lib.rope_store_attend
         self.q4_1_matmul = lib.q4_1_matmul
         self.q4_1p_matmul = lib.q4_1p_matmul
+        self.q4_1v_matmul = lib.q4_1v_matmul
         self.q8_0_matmul = lib.q8_0_matmul
         self.q8_1_matmul = lib.q8_1_matmul
 

@@ -4,7 +4,9 @@ Formats backed by PyTorch's CPU kernels: `fp32` (oneDNN-reordered float32, exact
 weights), `bf16` (only where the CPU has bf16 dot products), `int8` and `int4` (weight-only kernels with
 bfloat16 activations). Formats backed by our own C kernels (`cpu_kernels`, `csrc/cpu_step.c`): `q4_1` (a
 GGUF's Q4_1 blocks as they are, activations quantized per row), `q4_1p` (the same values in panels of 16
-outputs, unpacked to float32 per call, for several rows), `q8_1` (the Q4_1 values a byte each) and `q8_0`
+outputs, unpacked to float32 per call, for several rows), `q4_1v` (the same panels widened to int16 per call and
+multiplied by int16 activations with AVX-512 VNNI's vpdpwssd: q4_1's sums, for several rows; only where the CPU
+has AVX-512), `q8_1` (the Q4_1 values a byte each) and `q8_0`
 (a GGUF's 8-bit output layer). Where PyTorch's kernels fall short, and what each format measured, is in
 docs/benchmarks.md.
 
@@ -50,8 +52,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "q4_1", "q4_1p", "q8_1", "q8_0")
-FROM_Q4 = ("int4", "q4_1", "q4_1p", "q8_1")
+FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "q4_1", "q4_1p", "q4_1v", "q8_1", "q8_0")
+FROM_Q4 = ("int4", "q4_1", "q4_1p", "q4_1v", "q8_1")
 """The formats that hold a 4-bit source's values as they are (int4 with bf16 scales)."""
 BUCKETS = (1, 4, 8, 16, 64)
 """Rows (tokens) per call at which formats are timed; a call with r rows uses the bucket of the smallest
@@ -240,6 +242,15 @@ class _Q4_1P(_BlockLinear):
         super().__init__(kernels.q4_1p_matmul, n, k, qp, panels(q4.scale), panels(q4.low))
 
 
+class _Q4_1V(_BlockLinear):
+    """q4_1p's panels, widened to int16 pairs per call and multiplied by q4_1's int16 activations with vpdpwssd
+    (see csrc/cpu_step.c): the same integer sums as q4_1, 32 multiply-adds an instruction; for several rows."""
+
+    def __init__(self, q4: Q4Weights, kernels: CpuKernels) -> None:
+        panels = _Q4_1P(q4, kernels)
+        super().__init__(kernels.q4_1v_matmul, panels.n, panels.k, *panels.weights)
+
+
 class _Q8_1(_BlockLinear):
     """Q4_1's layout one value per byte (u8, w = d * q + m per 32 columns): our C kernel. A Q4_1 source is held
     exactly (q in 0..15); any other weight gets 255 levels per block."""
@@ -280,12 +291,12 @@ def make_linear(fmt: str, weight: torch.Tensor, q4: Q4Weights | None = None) -> 
         return _Int8(weight)
     if fmt == "int4":
         return _Int4(q4 if q4 is not None else quantize_q4(weight))
-    if fmt in ("q4_1", "q4_1p", "q8_1", "q8_0"):
+    if fmt in ("q4_1", "q4_1p", "q4_1v", "q8_1", "q8_0"):
         kernels = cpu_kernels.load()
         if kernels is None:
             raise ValueError(f"weight format {fmt} needs the C kernels, which cannot be built here")
-        if fmt in ("q4_1", "q4_1p"):
-            cls = _Q4_1 if fmt == "q4_1" else _Q4_1P
+        if fmt in ("q4_1", "q4_1p", "q4_1v"):
+            cls = {"q4_1": _Q4_1, "q4_1p": _Q4_1P, "q4_1v": _Q4_1V}[fmt]
             return cls(q4 if q4 is not None else quantize_q4(weight), kernels)
         return _Q8_1(weight, q4, kernels) if fmt == "q8_1" else _Q8_0(weight, kernels)
     raise ValueError(f"unknown weight format {fmt!r}")
@@ -302,8 +313,14 @@ def supports(fmt: str, n: int, k: int) -> bool:
             hasattr(torch.ops.quantized, "linear_prepack_fp16")
             and "fbgemm" in torch.backends.quantized.supported_engines
         )
-    if fmt in ("q4_1", "q4_1p", "q8_1", "q8_0"):
-        return k % GROUP == 0 and n % (16 if fmt == "q4_1p" else 4) == 0 and cpu_kernels.load() is not None
+    if fmt == "q4_1v" and not {"avx512f", "avx512bw"} <= set(cpu_flags()):
+        return False  # its vector path is AVX-512's; elsewhere only a plain loop (kept for the tests)
+    if fmt in ("q4_1", "q4_1p", "q4_1v", "q8_1", "q8_0"):
+        return (
+            k % GROUP == 0
+            and n % (4 if fmt in ("q4_1", "q8_1", "q8_0") else 16) == 0
+            and cpu_kernels.load() is not None
+        )
     return True
 
 
@@ -371,7 +388,8 @@ def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
 
 
 BITS_PER_WEIGHT = {
-    "fp32": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "int4": 5.0, "q4_1": 6.0, "q4_1p": 6.0, "q8_1": 10.0,
+    "fp32": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "int4": 5.0, "q4_1": 6.0, "q4_1p": 6.0, "q4_1v": 6.0,
+    "q8_1": 10.0,
     "q8_0": 9.0,
 }  # fmt: skip
 """Bytes read per weight x 8, scales included (int4: bf16 scale and zero per 32; q*: float32 per 32)."""

@@ -299,16 +299,27 @@ void rope_store_attend(const float *qkv, const float *cos, const float *sin, flo
  * Q8_0 (GGUF): per block 32 int8 values and a scale d: w = d * q.
  *
  * One row of x: four outputs at a time (four independent accumulator chains; one would wait on each fused
- * multiply-add). Several rows: tiles of two outputs by four rows, so that each block of weights is widened
+ * multiply-add). Several rows: tiles of two (AVX-512: four) outputs by four rows, so that each block of weights is widened
  * once for four rows (rows are padded to a multiple of four with zeros).
  */
 enum { Q4_1 = 0, Q8_1 = 1, Q8_0 = 2 };
+/* With AVX-512 (F and BW) the blocks take 512-bit registers: a block of 32 widens to one register of int16 and
+ * one vpmaddwd, with activations in their natural order; several rows take tiles of four outputs by four rows
+ * (32 registers hold the 16 accumulators). The integer sums are the same as the AVX2 path's, so the results
+ * differ only by float32 summation order. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define BLOCKS_512 1
+#define TILE_OUT 4
+#else
+#define TILE_OUT 2
+#endif
 #ifndef PREFETCH_TILES
 #define PREFETCH_TILES 2
 #endif
 
 /* x [R, K] -> xq int16 [Rp, K] (rows R..Rp-1 zero), dx [Rp] (row scale), sx [Rp, K/32] (block sums of x). */
-static void quantize_rows(const float *x, int16_t *xq, float *dx, float *sx, int64_t R, int64_t Rp, int64_t K) {
+static void quantize_rows(const float *x, int16_t *xq, float *dx, float *sx, int64_t R, int64_t Rp, int64_t K,
+                          int reorder) {
     const int64_t B = K / 32;
     for (int64_t r = 0; r < R; r++) {
         const float *v = x + r * K;
@@ -319,18 +330,18 @@ static void quantize_rows(const float *x, int16_t *xq, float *dx, float *sx, int
             amax = a > amax ? a : amax;
         }
         float d = amax / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-        /* In each block, the order widen() unpacks the weights in: 0-7, 16-23, 8-15, 24-31. */
-        for (int64_t b = 0; b < B; b++)
-            for (int part = 0; part < 4; part++) {
-                const int64_t from = b * 32 + (part & 1) * 16 + (part >> 1) * 8, to = b * 32 + part * 8;
+        if (reorder) {
+            /* In each block, the order the AVX2 widen() unpacks the weights in: 0-7, 16-23, 8-15, 24-31. */
+            for (int64_t b = 0; b < B; b++)
+                for (int part = 0; part < 4; part++) {
+                    const int64_t from = b * 32 + (part & 1) * 16 + (part >> 1) * 8, to = b * 32 + part * 8;
 #pragma omp simd
-                for (int j = 0; j < 8; j++) xq[r * K + to + j] = (int16_t)lrintf(v[from + j] * inv);
-            }
-#else
+                    for (int j = 0; j < 8; j++) xq[r * K + to + j] = (int16_t)lrintf(v[from + j] * inv);
+                }
+        } else {
 #pragma omp simd
-        for (int64_t j = 0; j < K; j++) xq[r * K + j] = (int16_t)lrintf(v[j] * inv);
-#endif
+            for (int64_t j = 0; j < K; j++) xq[r * K + j] = (int16_t)lrintf(v[j] * inv);
+        }
         dx[r] = d;
         for (int64_t b = 0; b < B; b++) {
             float sum = 0.f;
@@ -347,6 +358,75 @@ static void quantize_rows(const float *x, int16_t *xq, float *dx, float *sx, int
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
+/* Ask for bytes [0, size) of p ahead of their use (prefetches never fault). */
+static inline void prefetch(const void *p, int64_t size) {
+    for (int64_t off = 0; off < size; off += 64) _mm_prefetch((const char *)p + off, _MM_HINT_T0);
+}
+#endif
+
+#if defined(BLOCKS_512)
+/* Block b of output row n as 32 int16 in order (a Q4_1 block's low nibbles are elements 0-15). */
+static inline __attribute__((always_inline)) __m512i widen(int kind, const uint8_t *qs, int64_t n, int64_t b,
+                                                           int64_t K) {
+    if (kind == Q4_1) {
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(qs + (n * (K / 32) + b) * 16)), low4 = _mm_set1_epi8(0x0F);
+        return _mm512_cvtepu8_epi16(
+            _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low4), _mm_and_si128(raw, low4)));
+    }
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + n * K + b * 32));
+    return kind == Q8_0 ? _mm512_cvtepi8_epi16(v) : _mm512_cvtepu8_epi16(v);
+}
+
+static inline __attribute__((always_inline)) __m512 block_dot(__m512i w, const int16_t *x) {
+    return _mm512_cvtepi32_ps(_mm512_madd_epi16(w, _mm512_loadu_si512((const void *)x)));
+}
+
+/* Outputs n..n+3 for one row r. */
+static inline __attribute__((always_inline)) void tile_4x1(int kind, const uint8_t *qs, const float *d,
+                                                           const int16_t *xq, int64_t r, int64_t n, int64_t K,
+                                                           float out[4]) {
+    const int64_t B = K / 32;
+    const int16_t *xr = xq + r * K;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const int64_t row_bytes = kind == Q4_1 ? K / 2 : K, tile_bytes = 4 * row_bytes;
+    const char *ahead = (const char *)qs + (n + 4 * PREFETCH_TILES) * row_bytes;
+    prefetch(d + (n + 4 * PREFETCH_TILES) * B, 4 * B * (int64_t)sizeof(float));
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t off = b * tile_bytes / B / 64 * 64; off < (b + 1) * tile_bytes / B; off += 64)
+            _mm_prefetch(ahead + off, _MM_HINT_T0);
+        for (int j = 0; j < 4; j++)
+            acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(d[(n + j) * B + b]), block_dot(widen(kind, qs, n + j, b, K), xr + b * 32),
+                                     acc[j]);
+    }
+    for (int j = 0; j < 4; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
+/* Outputs n..n+3 for rows r..r+3. */
+static inline __attribute__((always_inline)) void tile_rows4(int kind, const uint8_t *qs, const float *d,
+                                                             const int16_t *xq, int64_t r, int64_t n, int64_t K,
+                                                             float out[TILE_OUT][4]) {
+    const int64_t B = K / 32;
+    __m512 a[4][4];
+    for (int j = 0; j < 4; j++)
+        for (int i = 0; i < 4; i++) a[j][i] = _mm512_setzero_ps();
+    const int16_t *x0 = xq + r * K;
+    for (int64_t b = 0; b < B; b++) {
+        __m512i w[4];
+        __m512 dv[4];
+        for (int j = 0; j < 4; j++) {
+            w[j] = widen(kind, qs, n + j, b, K);
+            dv[j] = _mm512_set1_ps(d[(n + j) * B + b]);
+        }
+        for (int i = 0; i < 4; i++) {
+            const __m512i xv = _mm512_loadu_si512((const void *)(x0 + i * K + b * 32));
+            for (int j = 0; j < 4; j++)
+                a[j][i] = _mm512_fmadd_ps(dv[j], _mm512_cvtepi32_ps(_mm512_madd_epi16(w[j], xv)), a[j][i]);
+        }
+    }
+    for (int j = 0; j < 4; j++)
+        for (int i = 0; i < 4; i++) out[j][i] = _mm512_reduce_add_ps(a[j][i]);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
 /* Block b of output row n, widened to int16 with in-lane unpacks (a lane-crossing widen costs more): elements
  * 0-7 and 16-23 in *w0, 8-15 and 24-31 in *w1, the order quantize_rows() puts the activations in. */
 static inline __attribute__((always_inline)) void widen(int kind, const uint8_t *qs, int64_t n, int64_t b, int64_t K,
@@ -367,11 +447,6 @@ static inline __attribute__((always_inline)) void widen(int kind, const uint8_t 
 static inline __attribute__((always_inline)) __m256 block_dot(__m256i w0, __m256i w1, const int16_t *x) {
     __m256i x0 = _mm256_loadu_si256((const __m256i *)x), x1 = _mm256_loadu_si256((const __m256i *)(x + 16));
     return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1)));
-}
-
-/* Ask for bytes [0, size) of p ahead of their use (prefetches never fault). */
-static inline void prefetch(const void *p, int64_t size) {
-    for (int64_t off = 0; off < size; off += 64) _mm_prefetch((const char *)p + off, _MM_HINT_T0);
 }
 
 /* Outputs n..n+3 for one row r. */
@@ -398,8 +473,8 @@ static inline __attribute__((always_inline)) void tile_4x1(int kind, const uint8
 }
 
 /* Outputs n, n+1 for rows r..r+3. */
-static inline __attribute__((always_inline)) void tile_2x4(int kind, const uint8_t *qs, const float *d, const int16_t *xq, int64_t r, int64_t n,
-                            int64_t K, float out[2][4]) {
+static inline __attribute__((always_inline)) void tile_rows4(int kind, const uint8_t *qs, const float *d, const int16_t *xq, int64_t r, int64_t n,
+                            int64_t K, float out[TILE_OUT][4]) {
     const int64_t B = K / 32;
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
     const int16_t *x0 = xq + r * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
@@ -461,7 +536,11 @@ static void block_matmul(int kind, const uint8_t *qs, const float *d, const floa
     const int64_t B = K / 32, Rp = R == 1 ? 1 : (R + 3) / 4 * 4;
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)(Rp * K));
     float *dx = malloc(sizeof(float) * (size_t)Rp), *sx = malloc(sizeof(float) * (size_t)(Rp * B));
-    quantize_rows(x, xq, dx, sx, R, Rp, K);
+#if defined(__AVX2__) && defined(__FMA__) && !defined(BLOCKS_512)
+    quantize_rows(x, xq, dx, sx, R, Rp, K, 1);
+#else
+    quantize_rows(x, xq, dx, sx, R, Rp, K, 0);
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
     if (R == 1) {
 #pragma omp parallel for schedule(static)
@@ -480,18 +559,18 @@ static void block_matmul(int kind, const uint8_t *qs, const float *d, const floa
         for (int64_t r = 0; r < Rp; r++)
             for (int64_t b = 0; b < B; b++) st[b * Rp + r] = sx[r * B + b];
 #pragma omp parallel for schedule(static)
-        for (int64_t n = 0; n < N; n += 2) {
-            /* the pair 4 * PREFETCH_TILES outputs ahead, as tile_4x1 does for one row */
+        for (int64_t n = 0; n < N; n += TILE_OUT) {
+            /* the tile's outputs 4 * PREFETCH_TILES ahead, as tile_4x1 does for one row */
             const int64_t ahead = n + 4 * PREFETCH_TILES, row_bytes = kind == Q4_1 ? K / 2 : K;
-            prefetch(qs + ahead * row_bytes, 2 * row_bytes);
-            prefetch(d + ahead * B, 2 * B * (int64_t)sizeof(float));
-            if (m != NULL) prefetch(m + ahead * B, 2 * B * (int64_t)sizeof(float));
+            prefetch(qs + ahead * row_bytes, TILE_OUT * row_bytes);
+            prefetch(d + ahead * B, TILE_OUT * B * (int64_t)sizeof(float));
+            if (m != NULL) prefetch(m + ahead * B, TILE_OUT * B * (int64_t)sizeof(float));
             for (int64_t r = 0; r < Rp; r += 4) {
-                float out[2][4], mt[2][4];
-                if (kind == Q4_1) tile_2x4(Q4_1, qs, d, xq, r, n, K, out);
-                else if (kind == Q8_1) tile_2x4(Q8_1, qs, d, xq, r, n, K, out);
-                else tile_2x4(Q8_0, qs, d, xq, r, n, K, out);
-                for (int j = 0; j < 2; j++) {
+                float out[TILE_OUT][4], mt[TILE_OUT][4];
+                if (kind == Q4_1) tile_rows4(Q4_1, qs, d, xq, r, n, K, out);
+                else if (kind == Q8_1) tile_rows4(Q8_1, qs, d, xq, r, n, K, out);
+                else tile_rows4(Q8_0, qs, d, xq, r, n, K, out);
+                for (int j = 0; j < TILE_OUT; j++) {
                     __m128 acc = _mm_setzero_ps();
                     if (m != NULL)
                         for (int64_t b = 0; b < B; b++)
@@ -499,7 +578,7 @@ static void block_matmul(int kind, const uint8_t *qs, const float *d, const floa
                     _mm_storeu_ps(mt[j], acc);
                 }
                 for (int64_t i = 0; i < 4 && r + i < R; i++)
-                    for (int j = 0; j < 2; j++) y[(r + i) * N + n + j] = dx[r + i] * out[j][i] + mt[j][i];
+                    for (int j = 0; j < TILE_OUT; j++) y[(r + i) * N + n + j] = dx[r + i] * out[j][i] + mt[j][i];
             }
         }
         free(st);
@@ -544,7 +623,33 @@ void q8_0_matmul(const int8_t *qs, const float *d, const float *x, float *y, int
  * dp, mp: [N/16, K/32, 16] float32 (scale and minimum of output 16p + j over columns 32b..32b+31).
  * N % 16 == 0, K % 32 == 0.
  */
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(BLOCKS_512)
+/* A panel's 16 outputs fill one 512-bit register: twelve rows at a time, one accumulator each. */
+#define PANEL_ROWS 12
+static inline __attribute__((always_inline)) void panel_rows(const float *w, const float *x, float *y, int64_t K,
+                                                             int64_t N, int rows) {
+    __m512 c[PANEL_ROWS];
+    for (int i = 0; i < PANEL_ROWS; i++) c[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        const __m512 w0 = _mm512_load_ps(w + k * 16);
+        for (int i = 0; i < rows; i++) c[i] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[i * K + k]), c[i]);
+    }
+    for (int i = 0; i < rows; i++) _mm512_storeu_ps(y + i * N, c[i]);
+}
+
+static void unpack_panel(const uint8_t *q, const float *dp, const float *mp, int64_t K, float *w) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    for (int64_t b = 0; b < K / 32; b++) {
+        const __m512 d = _mm512_loadu_ps(dp + b * 16), m = _mm512_loadu_ps(mp + b * 16);
+        for (int64_t k = b * 32; k < b * 32 + 32; k++) {
+            const __m128i raw = _mm_loadl_epi64((const __m128i *)(q + k * 8));
+            const __m128i v = _mm_unpacklo_epi64(_mm_and_si128(raw, low4), _mm_and_si128(_mm_srli_epi16(raw, 4), low4));
+            _mm512_store_ps(w + k * 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)), d, m));
+        }
+    }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define PANEL_ROWS 6
 static inline __attribute__((always_inline)) void panel_rows(const float *w, const float *x, float *y, int64_t K,
                                                              int64_t N, int rows) {
     __m256 c[6][2];
@@ -597,15 +702,17 @@ void q4_1p_matmul(const uint8_t *qp, const float *dp, const float *mp, const flo
         for (int64_t p = 0; p < N / 16; p++) {
             unpack_panel(qp + p * K * 8, dp + p * B * 16, mp + p * B * 16, K, w);
             float *yp = y + p * 16;
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(PANEL_ROWS)
             int64_t r = 0;
-            for (; r + 6 <= R; r += 6) panel_rows(w, x + r * K, yp + r * N, K, N, 6);
+            for (; r + PANEL_ROWS <= R; r += PANEL_ROWS) panel_rows(w, x + r * K, yp + r * N, K, N, PANEL_ROWS);
+            /* the rest, with the row count a constant in each copy */
             switch (R - r) {
-            case 1: panel_rows(w, x + r * K, yp + r * N, K, N, 1); break;
-            case 2: panel_rows(w, x + r * K, yp + r * N, K, N, 2); break;
-            case 3: panel_rows(w, x + r * K, yp + r * N, K, N, 3); break;
-            case 4: panel_rows(w, x + r * K, yp + r * N, K, N, 4); break;
-            case 5: panel_rows(w, x + r * K, yp + r * N, K, N, 5); break;
+#define REST(k) case k: panel_rows(w, x + r * K, yp + r * N, K, N, k); break;
+            REST(1) REST(2) REST(3) REST(4) REST(5)
+#if PANEL_ROWS > 6
+            REST(6) REST(7) REST(8) REST(9) REST(10) REST(11)
+#endif
+#undef REST
             default: break;
             }
 #else
@@ -619,4 +726,114 @@ void q4_1p_matmul(const uint8_t *qp, const float *dp, const float *mp, const flo
         }
         free(w);
     }
+}
+
+/* ---- Q4_1 in panels of 16 outputs x int16 activations, for several rows (AVX-512, with VNNI where present) ----
+ *
+ * The same panels as q4_1p_matmul and the same sums as q4_1_matmul (activations quantized to int16 per row,
+ * integer dot products per block, then d * dot + m * sum(x)), with the outputs across the register instead of the
+ * block: each thread widens a panel's 4-bit values once per call into int16 pairs (lane j of a 512-bit register
+ * holds output j's values at columns k and k+1), and each row takes 16 of them per block with one
+ * vpdpwssd each (vpmaddwd + vpaddd without VNNI): 32 multiply-adds an instruction and one int32 sum per block
+ * and output, where q4_1_matmul's blocks spend a conversion and a float multiply-add per 32. The scale and
+ * minimum of a block are one register for all 16 outputs.
+ *
+ * Layout as q4_1p_matmul's. N % 16 == 0, K % 32 == 0.
+ */
+#if defined(BLOCKS_512)
+#define V_ROWS 8
+/* Panel columns k, k+1 as int16 pairs: w[(k / 2) * 32 + 2 j + (k & 1)] = q[16p + j, k]. */
+static void widen_pairs(const uint8_t *q, int64_t K, int16_t *w) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    for (int64_t k = 0; k < K; k += 2) {
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(q + k * 8)); /* columns k, k+1: 8 bytes each */
+        const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+        const __m128i lo_pairs = _mm_unpacklo_epi8(lo, _mm_srli_si128(lo, 8)); /* outputs 0-7 */
+        const __m128i hi_pairs = _mm_unpacklo_epi8(hi, _mm_srli_si128(hi, 8)); /* outputs 8-15 */
+        _mm512_store_si512((void *)(w + k * 16), _mm512_cvtepu8_epi16(_mm256_set_m128i(hi_pairs, lo_pairs)));
+    }
+}
+
+static inline __attribute__((always_inline)) void v_rows(const int16_t *w, const float *dp, const float *mp,
+                                                         const int16_t *xq, const float *dx, const float *sxs,
+                                                         float *y, int64_t K, int64_t N, int rows) {
+    const int64_t B = K / 32;
+    __m512 c[V_ROWS];
+    for (int i = 0; i < V_ROWS; i++) c[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < B; b++) {
+        __m512i t[V_ROWS];
+        for (int i = 0; i < V_ROWS; i++) t[i] = _mm512_setzero_si512();
+        for (int64_t kk = 0; kk < 16; kk++) {
+            const __m512i wv = _mm512_load_si512((const void *)(w + (b * 16 + kk) * 32));
+            for (int i = 0; i < rows; i++) {
+                int32_t pair;
+                memcpy(&pair, xq + i * K + b * 32 + 2 * kk, sizeof pair);
+#if defined(__AVX512VNNI__)
+                t[i] = _mm512_dpwssd_epi32(t[i], wv, _mm512_set1_epi32(pair));
+#else
+                t[i] = _mm512_add_epi32(t[i], _mm512_madd_epi16(wv, _mm512_set1_epi32(pair)));
+#endif
+            }
+        }
+        const __m512 d = _mm512_loadu_ps(dp + b * 16), m = _mm512_loadu_ps(mp + b * 16);
+        for (int i = 0; i < rows; i++)
+            c[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(sxs[i * B + b]), _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[i]), d, c[i]));
+    }
+    for (int i = 0; i < rows; i++) _mm512_storeu_ps(y + i * N, _mm512_mul_ps(c[i], _mm512_set1_ps(dx[i])));
+}
+#endif
+
+void q4_1v_matmul(const uint8_t *qp, const float *dp, const float *mp, const float *x, float *y, int64_t R,
+                  int64_t N, int64_t K) {
+    const int64_t B = K / 32;
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(R * K));
+    float *dx = malloc(sizeof(float) * (size_t)R), *sx = malloc(sizeof(float) * (size_t)(R * B));
+    quantize_rows(x, xq, dx, sx, R, R, K, 0);
+    /* y = dx * (sum_b d * dot_b + m * sum_b(x) / dx): the minimum's term inside the row's scale */
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t b = 0; b < B; b++) sx[r * B + b] = dx[r] > 0.f ? sx[r * B + b] / dx[r] : 0.f;
+#pragma omp parallel
+    {
+#if defined(BLOCKS_512)
+        int16_t *w = aligned_alloc(64, sizeof(int16_t) * (size_t)(K * 16));
+#endif
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < N / 16; p++) {
+            const uint8_t *q = qp + p * K * 8;
+            const float *dpp = dp + p * B * 16, *mpp = mp + p * B * 16;
+#if defined(BLOCKS_512)
+            widen_pairs(q, K, w);
+            for (int64_t r = 0; r < R; r += V_ROWS) {
+                const int16_t *xr = xq + r * K;
+                float *yr = y + r * N + p * 16;
+                switch (R - r < V_ROWS ? R - r : V_ROWS) {
+#define ROWS(k) case k: v_rows(w, dpp, mpp, xr, dx + r, sx + r * B, yr, K, N, k); break;
+                ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
+#undef ROWS
+                default: break;
+                }
+            }
+#else
+            for (int64_t r = 0; r < R; r++)
+                for (int j = 0; j < 16; j++) {
+                    float s = 0.f;
+                    for (int64_t b = 0; b < B; b++) {
+                        int32_t dot = 0;
+                        for (int64_t k = b * 32; k < b * 32 + 32; k++) {
+                            const uint8_t v = q[k * 8 + (j & 7)];
+                            dot += (int32_t)(j < 8 ? v & 15 : v >> 4) * xq[r * K + k];
+                        }
+                        s += (float)dot * dpp[b * 16 + j] + mpp[b * 16 + j] * sx[r * B + b];
+                    }
+                    y[r * N + p * 16 + j] = s * dx[r];
+                }
+#endif
+        }
+#if defined(BLOCKS_512)
+        free(w);
+#endif
+    }
+    free(xq);
+    free(dx);
+    free(sx);
 }
