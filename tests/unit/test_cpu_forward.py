@@ -128,3 +128,28 @@ def test_the_auto_choice_is_cached_per_machine_and_model(
         assert "choice cached" in line and calls == timed and fwd is not None  # no timing at this start
         _, line = build_cpu_forward(copy.deepcopy(tiny_llama), "auto", budget_s=0.05, cache_dir=tmp_path, retime=True)
         assert "measured and cached" in line and calls > timed
+
+
+def test_the_choice_is_timed_until_two_timings_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A noisy moment must not decide the cached choice: timings repeat until two in a row choose alike (at most
+    CHOICE_TIMINGS), and the choice comes from each format's best time over them."""
+    from aisandbox.runtime.torch import cpu_forward
+    from aisandbox.runtime.torch.cpu_weights import BUCKETS
+
+    def timings(fast: str) -> dict[tuple[str, int], float]:
+        return {(f, r): (1.0 if f == fast else 2.0) for f in ("fp32", "q4_1") for r in BUCKETS}
+
+    shapes, head = [(64, 64, 2)], (0, 64)
+    rounds = iter([timings("q4_1"), timings("q4_1"), timings("fp32")])
+    monkeypatch.setattr(cpu_forward, "measure_formats", lambda *a, **k: next(rounds))
+    body, _, note = cpu_forward._timed_choice(shapes, ["fp32", "q4_1"], head, ["fp32"], 0.01)
+    assert body.by_bucket == ("q4_1",) * len(BUCKETS) and "2 timings agreed" in note
+    assert next(rounds) == timings("fp32")  # the third was never taken
+
+    # A busy neighbour made fp32 look slow once: the next two timings disagree with it and with each other.
+    noisy = {("fp32", r): 5.0 for r in BUCKETS} | {("q4_1", r): 2.0 for r in BUCKETS}
+    rounds = iter([noisy, timings("fp32"), timings("q4_1")])
+    body, _, note = cpu_forward._timed_choice(shapes, ["fp32", "q4_1"], head, ["fp32"], 0.01)
+    assert "3 timings disagreed" in note
+    # best times: fp32 1.0 (second timing), q4_1 1.0 (third): a tie, which fp32 (exact) wins within the margin
+    assert body.by_bucket == ("fp32",) * len(BUCKETS)

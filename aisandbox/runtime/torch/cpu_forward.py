@@ -340,6 +340,43 @@ def _busy() -> str:
     return ""
 
 
+CHOICE_TIMINGS = 3
+"""At most this many independent timings of the formats at load; the choice stands once two in a row agree."""
+
+
+def _timed_choice(
+    body_shapes: list[tuple[int, int, int]],
+    allowed: list[str],
+    head_shape: tuple[int, int],
+    head_allowed: list[str],
+    budget_s: float,
+) -> tuple[FormatChoice, FormatChoice, str]:
+    """Time the formats until two timings in a row choose the same formats (at most CHOICE_TIMINGS), so that a
+    moment of noise does not decide what every later start serves with; the choice comes from each format's best
+    time over all the timings. Returns (body, head, a note for the log line)."""
+    best: dict[str, dict[tuple[str, int], float]] = {"body": {}, "head": {}}
+    picks: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+    for _ in range(CHOICE_TIMINGS):
+        body_t = measure_formats(body_shapes, allowed, budget_s * 0.7)
+        head_t: dict[tuple[str, int], float] = {}
+        if head_shape[0]:
+            # A slice of the output layer's rows, scaled up: every format's time grows with the rows it multiplies,
+            # and building each format of the whole head (49152 x 576 here) would cost seconds at load.
+            rows = min(head_shape[0], HEAD_SAMPLE_ROWS)
+            sample = measure_formats([(rows, head_shape[1], 1)], head_allowed, budget_s * 0.3)
+            head_t = {key: ms * head_shape[0] / rows for key, ms in sample.items()}
+        picks.append((choose_formats(body_t, allowed).by_bucket, choose_formats(head_t, head_allowed).by_bucket))
+        for part, timings in (("body", body_t), ("head", head_t)):
+            for key, ms in timings.items():
+                best[part][key] = min(best[part].get(key, float("inf")), ms)
+        if len(picks) >= 2 and picks[-1] == picks[-2]:
+            break
+    body, head = choose_formats(best["body"], allowed), choose_formats(best["head"], head_allowed)
+    agreed = len(picks) >= 2 and picks[-1] == picks[-2]
+    note = f"; {len(picks)} timings " + ("agreed" if agreed else "disagreed (the best time of each format chose)")
+    return body, head, note
+
+
 def _choice_path(cache_dir: Path, identity: dict[str, Any]) -> Path:
     """The cached format choice of one CPU identity, model shape, kernel source and torch build."""
     blob = json.dumps(identity, sort_keys=True).encode()
@@ -425,20 +462,14 @@ def build_cpu_forward(
             # both pinned, alternated): the 4-bit copy leaves memory bandwidth to everything else.
             allowed = [f for f in allowed if f not in REQUANTIZING and f != "q8_1"]
             head_allowed = [f for f in head_allowed if f not in (*REQUANTIZING, "q8_1")] + ["q8_0"]
-        body_t = measure_formats(body_shapes, allowed, budget_s * 0.7)
-        head_t: dict[tuple[str, int], float] = {}
-        if head_shape[0]:
-            # A slice of the output layer's rows, scaled up: every format's time grows with the rows it multiplies,
-            # and building each format of the whole head (49152 x 576 here) would cost seconds at load.
-            rows = min(head_shape[0], HEAD_SAMPLE_ROWS)
-            sample = measure_formats([(rows, head_shape[1], 1)], head_allowed, budget_s * 0.3)
-            head_t = {key: ms * head_shape[0] / rows for key, ms in sample.items()}
-        body, head = choose_formats(body_t, allowed), choose_formats(head_t, head_allowed)
+        body, head, agreement = _timed_choice(body_shapes, allowed, head_shape, head_allowed, budget_s)
         if path is not None and not busy:
             _save_choice(path, body, head, identity)
-            busy = f"; choice measured and cached in {path}"
+            busy = f"{agreement}; choice measured and cached in {path}"
         elif path is not None:
-            busy += " (not cached: the next start times it again)"
+            busy += f"{agreement} (not cached: the next start times it again)"
+        else:
+            busy += agreement
     else:
         body = head = FormatChoice.every(weights_dtype)
         if weights_dtype in FROM_Q4 and "lm_head.weight" not in q4:
