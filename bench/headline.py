@@ -64,10 +64,14 @@ def main(folder: Path) -> None:
         figures = [_at(r, "C=16").output_throughput for r in restarts]
         spread = (max(figures) - min(figures)) / min(figures)
         print(
-            f"- C=16 across {len(figures)} server starts: " + " / ".join(f"{f:.1f}" for f in figures)
+            f"- C=16 across {len(figures)} server starts: "
+            + " / ".join(f"{f:.1f}" for f in figures)
             + f" output tokens/s, spread {spread:.1%}. Target < {MAX_RESTART_SPREAD:.0%}: "
             f"{_verdict(spread < MAX_RESTART_SPREAD)}."
         )
+        probes = [p.read_text().strip() for p in sorted(folder.glob("probe*.txt"))]
+        if probes:
+            print("  The machine's own speed before each start: " + "; ".join(probes) + ".")
     peer_file = folder / "transformers-serve.json"
     if peer_file.is_file():
         peer = load_result(peer_file)

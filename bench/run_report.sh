@@ -102,6 +102,18 @@ if [[ $stages == *" http "* ]]; then
 for i in $(seq 1 "$restarts"); do
 echo "== 1/5 aisandbox serve (HTTP), start $i of $restarts" >&2
 suffix=$([ "$i" = 1 ] && echo "" || echo "-$i")
+# The machine's own speed just before this start (a shared VM's drifts by tens of percent over minutes): fixed
+# float32 multiplies and a 256 MB read, best of 20, so that the spread of our figure can be set beside it.
+"$python" -c "
+import time, torch
+a, b, big = torch.randn(16, 576), torch.randn(3072, 576), torch.randn(64 * 2**20)
+def best(f, n=20):
+    t = []
+    for _ in range(n):
+        t0 = time.perf_counter(); f(); t.append(time.perf_counter() - t0)
+    return 1e3 * min(t)
+print(f'probe: 16x576x3072 fp32 matmul x30 {best(lambda: [a @ b.T for _ in range(30)]):.2f} ms; 256 MB read {best(big.sum):.2f} ms')
+" | tee "$results/probe$suffix.txt" >&2
 "$python" -m aisandbox serve --host 127.0.0.1 --port "$port_ours" --log-level info --weights-dtype "$weights" >"$results/aisandbox-serve$suffix.log" 2>&1 &
 server_pid=$!
 run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_ours/v1" --model SmolLM2-135M-Instruct \

@@ -266,3 +266,37 @@ def test_every_build_matches_the_native_one(ck, tmp_path, build: str) -> None:  
         )  # fmt: skip
         outs.append(out)
     assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "q4_1v"])
+def test_the_whole_stack_in_one_call_matches_the_layer_loop(ck, wide_heads, fmt: str) -> None:  # type: ignore[no-untyped-def]
+    """forward_layers (one C call for every layer, when each runs one of our block formats) against the Python
+    loop over the same kernels: left padding, a cached prefix that must not be stored, then decode steps."""
+    model = copy.deepcopy(wide_heads[(6, 64)])
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # norms of ones would hide a swapped norm
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight.copy_(torch.rand(norm.weight.shape, generator=g) + 0.5)
+    choice = FormatChoice.every(fmt)
+    fwd = CpuForward(model, choice, choice, None, ck)
+    if not supports(fmt, 96, 96):
+        pytest.skip(f"{fmt} is not served on this CPU")
+    assert fmt in fwd._plans  # every layer of this model runs in the format: the one-call path is taken
+    plans = fwd._plans
+    starts, col, width = [2, 0, 5], 12, 12
+    valid = torch.ones(3, width, dtype=torch.bool)
+    valid[1, :4] = False  # row 1's first four columns came from the prefix cache
+    out = {}
+    with torch.inference_mode():
+        for one_call in (False, True):
+            fwd._plans = plans if one_call else {}
+            kv = _kv(model)
+            for buf in kv.k + kv.v:
+                buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(5)))
+            logits = [_group_step(fwd, kv, starts, col, width, True, valid)]
+            for step in range(3):
+                logits.append(_decode(fwd, kv, starts, col + step, logits[-1].argmax(-1), True))
+            out[one_call] = (torch.stack(logits), kv.k[-1][:3, :, : col + 3].clone())
+    assert torch.equal(out[True][0], out[False][0])  # the same kernels in the same order: the same bits
+    assert torch.equal(out[True][1], out[False][1])

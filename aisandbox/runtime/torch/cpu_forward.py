@@ -11,6 +11,7 @@ transformers' forward, with its Linear layers swapped for `BucketedLinear`s.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -162,6 +163,42 @@ class CpuForward:
                 )
             )
         self.head = BucketedLinear(model.lm_head.weight, head, q4.get("lm_head.weight"))
+        self._body = body
+        self._plans = self._layer_plans(body) if kernels is not None else {}
+        self._kv_ptrs: tuple[tuple[int, ...], Any, Any] | None = None
+
+    def _layer_plans(self, body: FormatChoice) -> dict[str, Any]:
+        """For each body format in use that is one of our block formats for every layer: the ctypes array of
+        csrc's Layer structs that forward_layers runs the whole stack from in one call."""
+        plans: dict[str, Any] = {}
+        for fmt in body.formats():
+            if fmt not in cpu_kernels.BLOCK_KINDS:
+                continue
+            structs = []
+            for layer in self.layers:
+                lins = []
+                for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                    impl = lin.impls[fmt] if fmt in lin.impls else None  # noqa: SIM401 (ModuleDict has no get)
+                    ptrs = getattr(impl, "ptrs", None)
+                    if ptrs is None or lin.bias is not None:
+                        break  # a layer fell back to another format, or has a bias: the per-layer loop runs it
+                    qs, d, m = (*ptrs, None) if len(ptrs) == 2 else ptrs
+                    lins.append(cpu_kernels.Linear(cpu_kernels.BLOCK_KINDS[fmt], impl.n, impl.k, qs, d, m))
+                else:
+                    structs.append(cpu_kernels.Layer(layer.ln_in.data_ptr(), layer.ln_post.data_ptr(), *lins))
+                    continue
+                break
+            else:
+                plans[fmt] = (cpu_kernels.Layer * len(structs))(*structs)
+        return plans
+
+    def _kv_arrays(self, kv: Any) -> tuple[Any, Any]:
+        """The KV buffers' pointers as ctypes arrays, rebuilt only when the buffers were reallocated."""
+        key = (id(kv), kv.rows_cap, kv.cols_cap, kv.k[0].data_ptr(), kv.v[-1].data_ptr())
+        if self._kv_ptrs is None or self._kv_ptrs[0] != key:
+            array = ctypes.c_void_p * len(kv.k)
+            self._kv_ptrs = (key, array(*(t.data_ptr() for t in kv.k)), array(*(t.data_ptr() for t in kv.v)))
+        return self._kv_ptrs[1], self._kv_ptrs[2]
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (self.hidden,), w, self.eps)
@@ -238,7 +275,17 @@ class CpuForward:
         scale = d**-0.5
         row0, eps = kv.rows.start, self.eps
         layers = self.layers
-        ck.rms_norm(x.data_ptr(), layers[0].ln_in.data_ptr(), h.data_ptr(), n, dim, eps)
+        plan = self._plans.get(self._body.fmt_for_rows(n)) if ours else None
+        if plan is not None:
+            ks, vs = self._kv_arrays(kv)
+            ck.forward_layers(
+                plan, len(layers), ks, vs, self.norm.data_ptr(), x.data_ptr(), h.data_ptr(), qrot.data_ptr(),
+                out_ptr, cos.data_ptr(), sin.data_ptr(), kv.cols_cap, row0, kv.write_col, starts.data_ptr(),
+                None if valid is None else valid.data_ptr(), rows, q, hq, hk, d, dim, inter, eps, scale,
+            )  # fmt: skip
+            layers = []  # the stack ran in C; h is the final norm of every position
+        else:
+            ck.rms_norm(x.data_ptr(), layers[0].ln_in.data_ptr(), h.data_ptr(), n, dim, eps)
         for i, layer in enumerate(layers):
             qkv = layer.qkv.forward(h)
             kb, vb = kv.k[i], kv.v[i]

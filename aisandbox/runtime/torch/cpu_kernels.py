@@ -24,7 +24,7 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-__all__ = ["CpuKernels", "load", "mode"]
+__all__ = ["BLOCK_KINDS", "CpuKernels", "Layer", "Linear", "load", "mode"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,23 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_step.c"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffinite-math-only", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+
+
+class Linear(ctypes.Structure):
+    """csrc/cpu_step.c's Linear: one layer in one of our block formats."""
+
+    _fields_ = [("kind", _i64), ("n", _i64), ("k", _i64), ("qs", _ptr), ("d", _ptr), ("m", _ptr)]
+
+
+class Layer(ctypes.Structure):
+    """csrc/cpu_step.c's Layer: a decoder layer's norms and linears, for forward_layers."""
+
+    _fields_ = [("ln_in", _ptr), ("ln_post", _ptr), ("qkv", Linear), ("o", Linear), ("gate_up", Linear),
+                ("down", Linear)]  # fmt: skip
+
+
+BLOCK_KINDS = {"q4_1": 0, "q8_1": 1, "q8_0": 2, "q4_1p": 3, "q4_1v": 4}
+"""The block formats forward_layers runs, by the kind number its Linear takes."""
 _SIGNATURES = {
     "rms_norm": [_ptr, _ptr, _ptr, _i64, _i64, _f32],
     "add_rms_norm": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32],
@@ -42,6 +59,10 @@ _SIGNATURES = {
     "q4_1_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "q4_1p_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "q4_1v_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
+    "forward_layers": [
+        _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64,
+        _i64, _i64, _i64, _i64, _i64, _f32, _f32,
+    ],
     "q8_0_matmul": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "q8_1_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
 }  # fmt: skip
@@ -63,6 +84,7 @@ class CpuKernels:
         self.q4_1_matmul = lib.q4_1_matmul
         self.q4_1p_matmul = lib.q4_1p_matmul
         self.q4_1v_matmul = lib.q4_1v_matmul
+        self.forward_layers = lib.forward_layers
         self.q8_0_matmul = lib.q8_0_matmul
         self.q8_1_matmul = lib.q8_1_matmul
 
