@@ -69,7 +69,8 @@ def main(folder: Path) -> None:
             + f" output tokens/s, spread {spread:.1%}. Target < {MAX_RESTART_SPREAD:.0%}: "
             f"{_verdict(spread < MAX_RESTART_SPREAD)}."
         )
-        probes = [p.read_text().strip() for p in sorted(folder.glob("probe*.txt"))]
+        starts = [folder / "probe.txt"] + sorted(folder.glob("probe-*.txt"))  # in the order of the starts
+        probes = [p.read_text().strip().removeprefix("probe: ") for p in starts if p.is_file()]
         if probes:
             print("  The machine's own speed before each start: " + "; ".join(probes) + ".")
     peer_file = folder / "transformers-serve.json"

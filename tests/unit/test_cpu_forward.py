@@ -153,3 +153,29 @@ def test_the_choice_is_timed_until_two_timings_agree(monkeypatch: pytest.MonkeyP
     assert "3 timings disagreed" in note
     # best times: fp32 1.0 (second timing), q4_1 1.0 (third): a tie, which fp32 (exact) wins within the margin
     assert body.by_bucket == ("fp32",) * len(BUCKETS)
+
+
+def test_auto_keeps_rounding_formats_off_a_gguf_source(tiny_llama: torch.nn.Module, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With a GGUF source auto never times bf16, int8, int4 or q8_0 for the body (they round its values: bf16 in
+    the output layer alone cost 19 of 32 identical prompts at 32 streams), even on a CPU with bf16 instructions."""
+    from aisandbox.runtime.torch import cpu_forward
+    from aisandbox.runtime.torch.cpu_weights import quantize_q4
+
+    timed: list[list[str]] = []
+
+    def record(shapes, allowed, *args, **kwargs):  # type: ignore[no-untyped-def]
+        timed.append(list(allowed))
+        return {}
+
+    monkeypatch.setattr(cpu_forward, "measure_formats", record)
+    monkeypatch.setattr(cpu_forward, "cpu_flags", lambda: ["avx2", "fma", "avx512f", "avx512bw", "avx512_bf16"])
+    q4 = {name: quantize_q4(p.detach()) for name, p in tiny_llama.named_parameters() if name.endswith("proj.weight")}
+    with torch.inference_mode():
+        build_cpu_forward(copy.deepcopy(tiny_llama), "auto", q4, budget_s=0.01)
+    body, head = timed[0], timed[1]
+    assert not {"bf16", "int8", "int4", "q8_0"} & set(body) and "fp32" in body
+    assert "bf16" not in head and "q8_0" in head  # the GGUF's Q8_0 output layer, held exactly
+    timed.clear()
+    with torch.inference_mode():
+        build_cpu_forward(copy.deepcopy(tiny_llama), "auto", None, budget_s=0.01)
+    assert "bf16" in timed[0]  # no GGUF: bf16 is timed where the CPU has bf16 instructions
