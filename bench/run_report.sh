@@ -75,7 +75,7 @@ run() {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo none) ($(git status --porcelain 2>/dev/null | wc -l) uncommitted paths)"
   echo "machine: $(uname -srm); $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs); $(nproc) cores; $(free -g | awk '/Mem:/ {print $2}') GiB"
-  echo "cpu flags: $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2- | tr ' ' '\n' | grep -E '^(avx|avx2|fma|f16c|avx_vnni|avx512f|avx512_vnni|avx512_bf16|amx_tile|amx_bf16|amx_int8)$' | xargs)"
+  echo "cpu flags: $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2- | tr ' ' '\n' | grep -E "^(avx|avx2|fma|f16c|avx_vnni|avx512f|avx512bw|avx512_vnni|avx512_bf16|amx_tile|amx_bf16|amx_int8)$" | xargs)"
   echo "aisandbox weights: $weights"
   echo "python: $("$python" -V 2>&1)"
   "$python" -c "
