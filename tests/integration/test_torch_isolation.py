@@ -65,6 +65,8 @@ async def test_a_long_prompt_interleaves_with_a_running_stream(engine: Tapped, t
     def staging(*args: Any) -> None:
         events.append("chunk")
         stage(*args)
+        if background.done():
+            events.append("stream ended")  # the check below would then mean nothing
 
     def decoding(*args: Any) -> None:
         events.append("decode")
@@ -72,13 +74,15 @@ async def test_a_long_prompt_interleaves_with_a_running_stream(engine: Tapped, t
 
     engine.torch._stage_chunk = staging  # type: ignore[method-assign]
     engine.torch._decode = decoding  # type: ignore[method-assign]
-    background = asyncio.create_task(collect(engine, "bg", [1, 5, 6, 7], greedy(200)))
-    await asyncio.sleep(0.2)
+    # A stream long enough to outlast the staging however fast the forward is (400 of the model's 512 positions).
+    background = asyncio.create_task(collect(engine, "bg", [1, 5, 6, 7], greedy(400)))
+    await asyncio.sleep(0.05)
     prompt = [1] + [(11 * i) % 3000 + 10 for i in range(1, 120)]
     tokens, _ = await collect(engine, "long", prompt, greedy(4))
     bg_tokens, _ = await background
     assert tokens == reference_greedy(tiny_mistral_dir, prompt, 4)
-    assert bg_tokens == reference_greedy(tiny_mistral_dir, [1, 5, 6, 7], 200)
+    assert bg_tokens == reference_greedy(tiny_mistral_dir, [1, 5, 6, 7], 400)
+    assert "stream ended" not in events, "the stream ended before the prompt's chunks did: make it longer"
     first, last = events.index("chunk"), len(events) - 1 - events[::-1].index("chunk")
     between = events[first : last + 1]
     assert between.count("chunk") >= 6

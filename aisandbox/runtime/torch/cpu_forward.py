@@ -30,6 +30,7 @@ from aisandbox.runtime.torch.cpu_weights import (
     BucketedLinear,
     FormatChoice,
     Q4Weights,
+    _BlockLinear,
     choose_formats,
     cpu_flags,
     measure_formats,
@@ -181,9 +182,9 @@ class CpuForward:
                 lins = []
                 for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
                     impl = lin.impls[fmt] if fmt in lin.impls else None  # noqa: SIM401 (ModuleDict has no get)
-                    ptrs = getattr(impl, "ptrs", None)
-                    if ptrs is None or lin.bias is not None:
+                    if not isinstance(impl, _BlockLinear) or lin.bias is not None:
                         break  # a layer fell back to another format, or has a bias: the per-layer loop runs it
+                    ptrs = impl.ptrs
                     qs, d, m = (*ptrs, None) if len(ptrs) == 2 else ptrs
                     lins.append(cpu_kernels.Linear(cpu_kernels.BLOCK_KINDS[fmt], impl.n, impl.k, qs, d, m))
                 else:
@@ -239,8 +240,10 @@ class CpuForward:
             x = x + layer.down(F.silu(gate) * up)
         if all_positions:
             flat = self._rms(x.reshape(rows * q, -1), self.norm)
-            return self.head(flat).float().view(rows, q, -1)
-        return self.head(self._rms(x[:, -1], self.norm)).float()
+            every: torch.Tensor = self.head(flat)
+            return every.float().view(rows, q, -1)
+        last: torch.Tensor = self.head(self._rms(x[:, -1], self.norm))
+        return last.float()
 
     def _fused(
         self,
