@@ -64,25 +64,29 @@ def test_q8_1_holds_a_q4_1_weight_exactly_and_others_in_255_levels(ck, rows: int
     assert (requantized - ref_w).abs().max() <= 2e-2 * ref_w.abs().max()
 
 
-@pytest.mark.parametrize("rows", [1, 6])
-def test_q8_0_matches_a_q8_0_weight(ck, rows: int) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("fmt", "rows"), [("q8_0", 1), ("q8_0", 6), *(("q8_0v", r) for r in (1, 7, 8, 9, 16, 17))])
+def test_q8_0_matches_a_q8_0_weight(ck, fmt: str, rows: int) -> None:  # type: ignore[no-untyped-def]
+    if fmt == "q8_0v" and not supports(fmt, 32, 96):
+        pytest.skip("q8_0v's vector path needs AVX-512 (the plain loop is compared in the build test)")
     torch.manual_seed(0)
-    d = torch.rand(16, 3) * 0.01 + 1e-3
-    q = torch.randint(-127, 128, (16, 3, 32)).float()
+    d = torch.rand(32, 3) * 0.01 + 1e-3
+    q = torch.randint(-127, 128, (32, 3, 32)).float()
     q[:, :, 0] = 127  # every block reaches 127: requantizing gives back the same scale and values
-    w = (q * d[..., None]).reshape(16, 96)
+    w = (q * d[..., None]).reshape(32, 96)
     x = torch.randn(rows, 96)
     with torch.inference_mode():
-        y = make_linear("q8_0", w)(x)
+        y = make_linear(fmt, w)(x)
+        same = make_linear("q8_0", w)(x)
     ref = x @ w.T
     assert (y - ref).abs().max() <= 1e-3 * ref.abs().max()
+    assert (y - same).abs().max() <= 1e-5 * ref.abs().max()  # the same integer sums: float order only
 
 
 def test_the_kernels_need_whole_blocks_and_groups_of_outputs(ck) -> None:  # type: ignore[no-untyped-def]
     assert supports("q4_1", 48, 96) and supports("q8_1", 48, 96) and supports("q8_0", 48, 96)
     assert not supports("q4_1", 50, 96) and not supports("q8_0", 48, 100)
     assert supports("q4_1p", 48, 96) and not supports("q4_1p", 40, 96)  # panels of 16 outputs
-    assert not supports("q4_1v", 40, 96)
+    assert not supports("q4_1v", 40, 96) and not supports("q8_0v", 40, 96)
 
 
 def test_switched_off_means_no_kernels(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -241,8 +245,8 @@ def test_every_build_matches_the_native_one(ck, tmp_path, build: str) -> None:  
     w = torch.randn(48, 96) * 0.05
     q4 = quantize_q4(w)
     with torch.inference_mode():
-        for fmt in ("q4_1", "q4_1p", "q4_1v", "q8_1", "q8_0"):
-            native = make_linear(fmt, w, q4 if fmt != "q8_0" else None)
+        for fmt in ("q4_1", "q4_1p", "q4_1v", "q8_1", "q8_0", "q8_0v"):
+            native = make_linear(fmt, w, q4 if not fmt.startswith("q8_0") else None)
             slow = copy.copy(native)
             slow.fn = getattr(plain, native.fn.__name__)
             for rows in (1, 4, 5, 12, 17, 30):

@@ -37,7 +37,7 @@ from aisandbox.runtime.torch.cpu_weights import (
     q4_1_blocks,
 )
 
-REQUANTIZING = ("int8", "int4", "q8_0", "bf16")
+REQUANTIZING = ("int8", "int4", "q8_0", "q8_0v", "bf16")
 """Formats that would put a GGUF's 4-bit weights onto another grid or round activations to bf16; `auto` leaves
 them out when the model has a GGUF source (they can still be pinned with --weights-dtype). bf16 among them since
 2026-12-04: on an AVX512-BF16 CPU the load-time timing gave the output layer bf16 from 17 rows, and 32 prompts
@@ -512,12 +512,12 @@ def build_cpu_forward(
             # A GGUF source: never requantize its weights onto another grid (int8's per-row and q8_0's symmetric
             # steps cannot hold Q4_1's d*q + m; int4 rounds activations to bf16): those cost greedy agreement
             # (measured: 13 and 3 of 32 prompts identical) where q4_1 and q8_1 hold the body exactly. The head
-            # is Q8_0 there, which q8_0 holds exactly.
+            # is Q8_0 there, which q8_0 and q8_0v hold exactly.
             # q8_1 holds the same values as q4_1 in 1.67x the bytes; its load-time timing sometimes ranks it first
             # at one row, but serving one stream it measured 49.6 / 60.2 tok/s against q4_1's 64.1 / 65.1 (HTTP,
             # both pinned, alternated): the 4-bit copy leaves memory bandwidth to everything else.
             allowed = [f for f in allowed if f not in REQUANTIZING and f != "q8_1"]
-            head_allowed = [f for f in head_allowed if f not in (*REQUANTIZING, "q8_1")] + ["q8_0"]
+            head_allowed = [f for f in head_allowed if f not in (*REQUANTIZING, "q8_1")] + ["q8_0", "q8_0v"]
         body, head, agreement = _timed_choice(body_shapes, allowed, head_shape, head_allowed, budget_s)
         if path is not None and not busy:
             _save_choice(path, body, head, identity)

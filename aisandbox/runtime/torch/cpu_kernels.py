@@ -64,6 +64,7 @@ _SIGNATURES = {
         _i64, _i64, _i64, _i64, _i64, _f32, _f32,
     ],
     "q8_0_matmul": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
+    "q8_0v_matmul": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "q8_1_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
 }  # fmt: skip
 
@@ -86,6 +87,7 @@ class CpuKernels:
         self.q4_1v_matmul = lib.q4_1v_matmul
         self.forward_layers = lib.forward_layers
         self.q8_0_matmul = lib.q8_0_matmul
+        self.q8_0v_matmul = lib.q8_0v_matmul
         self.q8_1_matmul = lib.q8_1_matmul
 
 

@@ -6,8 +6,8 @@ bfloat16 activations). Formats backed by our own C kernels (`cpu_kernels`, `csrc
 GGUF's Q4_1 blocks as they are, activations quantized per row), `q4_1p` (the same values in panels of 16
 outputs, unpacked to float32 per call, for several rows), `q4_1v` (the same panels widened to int16 per call and
 multiplied by int16 activations with AVX-512 VNNI's vpdpwssd: q4_1's sums, for several rows; only where the CPU
-has AVX-512), `q8_1` (the Q4_1 values a byte each) and `q8_0`
-(a GGUF's 8-bit output layer). Where PyTorch's kernels fall short, and what each format measured, is in
+has AVX-512), `q8_1` (the Q4_1 values a byte each), `q8_0` (a GGUF's 8-bit output layer) and `q8_0v` (the
+same values in q4_1v's panels, multiplied the same way; AVX-512 only). Where PyTorch's kernels fall short, and what each format measured, is in
 docs/benchmarks.md.
 
 Which format is fastest depends on the CPU and on how many rows (tokens) a step multiplies: at one decode
@@ -53,7 +53,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "q4_1", "q4_1p", "q4_1v", "q8_1", "q8_0")
+FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "q4_1", "q4_1p", "q4_1v", "q8_1", "q8_0", "q8_0v")
 FROM_Q4 = ("int4", "q4_1", "q4_1p", "q4_1v", "q8_1")
 """The formats that hold a 4-bit source's values as they are (int4 with bf16 scales)."""
 BUCKETS = (1, 4, 8, 16, 64)
@@ -279,6 +279,19 @@ class _Q8_0(_BlockLinear):
         super().__init__(kernels.q8_0_matmul, n, k, qs.contiguous(), d.contiguous())
 
 
+class _Q8_0V(_BlockLinear):
+    """q8_0's values and scales in q4_1v's panels of 16 outputs (see csrc/cpu_step.c): the same integer sums as
+    q8_0, 32 multiply-adds an instruction with vpdpwssd; for several rows (the output layer of a batch)."""
+
+    def __init__(self, weight: torch.Tensor, kernels: CpuKernels) -> None:
+        q8 = _Q8_0(weight, kernels)
+        qs, d = q8.weights
+        n, k = q8.n, q8.k
+        qp = qs.view(n // 16, 16, k // 2, 2).transpose(1, 2).contiguous()  # [N/16, K/2, 16 outputs, 2 columns]
+        dp = d.view(n // 16, 16, k // GROUP).transpose(1, 2).contiguous()  # [N/16, K/32, 16]
+        super().__init__(kernels.q8_0v_matmul, n, k, qp, dp)
+
+
 def make_linear(fmt: str, weight: torch.Tensor, q4: Q4Weights | None = None) -> torch.nn.Module:
     """One [N, K] bias-free linear layer in format `fmt`; int4 and q4_1 use `q4` when given, else quantize
     `weight`."""
@@ -292,13 +305,15 @@ def make_linear(fmt: str, weight: torch.Tensor, q4: Q4Weights | None = None) -> 
         return _Int8(weight)
     if fmt == "int4":
         return _Int4(q4 if q4 is not None else quantize_q4(weight))
-    if fmt in ("q4_1", "q4_1p", "q4_1v", "q8_1", "q8_0"):
+    if fmt in ("q4_1", "q4_1p", "q4_1v", "q8_1", "q8_0", "q8_0v"):
         kernels = cpu_kernels.load()
         if kernels is None:
             raise ValueError(f"weight format {fmt} needs the C kernels, which cannot be built here")
         if fmt in ("q4_1", "q4_1p", "q4_1v"):
             cls = {"q4_1": _Q4_1, "q4_1p": _Q4_1P, "q4_1v": _Q4_1V}[fmt]
             return cls(q4 if q4 is not None else quantize_q4(weight), kernels)
+        if fmt == "q8_0v":
+            return _Q8_0V(weight, kernels)
         return _Q8_1(weight, q4, kernels) if fmt == "q8_1" else _Q8_0(weight, kernels)
     raise ValueError(f"unknown weight format {fmt!r}")
 
@@ -314,9 +329,9 @@ def supports(fmt: str, n: int, k: int) -> bool:
             hasattr(torch.ops.quantized, "linear_prepack_fp16")
             and "fbgemm" in torch.backends.quantized.supported_engines
         )
-    if fmt == "q4_1v" and not {"avx512f", "avx512bw"} <= set(cpu_flags()):
+    if fmt in ("q4_1v", "q8_0v") and not {"avx512f", "avx512bw"} <= set(cpu_flags()):
         return False  # its vector path is AVX-512's; elsewhere only a plain loop (kept for the tests)
-    if fmt in ("q4_1", "q4_1p", "q4_1v", "q8_1", "q8_0"):
+    if fmt in ("q4_1", "q4_1p", "q4_1v", "q8_1", "q8_0", "q8_0v"):
         return (
             k % GROUP == 0
             and n % (4 if fmt in ("q4_1", "q8_1", "q8_0") else 16) == 0
@@ -392,6 +407,7 @@ BITS_PER_WEIGHT = {
     "fp32": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "int4": 5.0, "q4_1": 6.0, "q4_1p": 6.0, "q4_1v": 6.0,
     "q8_1": 10.0,
     "q8_0": 9.0,
+    "q8_0v": 9.0,
 }  # fmt: skip
 """Bytes read per weight x 8, scales included (int4: bf16 scale and zero per 32; q*: float32 per 32)."""
 
