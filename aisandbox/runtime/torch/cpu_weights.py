@@ -7,8 +7,8 @@ GGUF's Q4_1 blocks as they are, activations quantized per row), `q4_1p` (the sam
 outputs, unpacked to float32 per call, for several rows), `q4_1v` (the same panels widened to int16 per call and
 multiplied by int16 activations with AVX-512 VNNI's vpdpwssd: q4_1's sums, for several rows; only where the CPU
 has AVX-512), `q8_1` (the Q4_1 values a byte each), `q8_0` (a GGUF's 8-bit output layer) and `q8_0v` (the
-same values in q4_1v's panels, multiplied the same way; AVX-512 only). Where PyTorch's kernels fall short, and what each format measured, is in
-docs/benchmarks.md.
+same values in q4_1v's panels, multiplied the same way; AVX-512 only). Where PyTorch's kernels fall short, and
+what each format measured, is in docs/benchmarks.md.
 
 Which format is fastest depends on the CPU and on how many rows (tokens) a step multiplies: at one decode
 row the step reads the weights once and the smallest format wins; at more rows the multiply becomes compute
