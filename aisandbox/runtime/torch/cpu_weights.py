@@ -4,9 +4,9 @@ Formats backed by PyTorch's CPU kernels: `fp32` (oneDNN-reordered float32, exact
 weights), `bf16` (only where the CPU has bf16 dot products), `int8` and `int4` (weight-only kernels with
 bfloat16 activations). Formats backed by our own C kernels (`cpu_kernels`, `csrc/cpu_step.c`): `q4_1` (a
 GGUF's Q4_1 blocks as they are, activations quantized per row), `q4_1p` (the same values in panels of 16
-outputs, unpacked to float32 per call, for several rows), `q4_1v` (the same panels widened to int16 per call and
-multiplied by int16 activations with AVX-512 VNNI's vpdpwssd: q4_1's sums, for several rows; only where the CPU
-has AVX-512), `q8_1` (the Q4_1 values a byte each), `q8_0` (a GGUF's 8-bit output layer) and `q8_0v` (the
+outputs, unpacked to float32 per call, for several rows), `q4_1v` (the same values in panels laid out to widen
+to int16 without shuffles, multiplied by int16 activations with AVX-512 VNNI's vpdpwssd: q4_1's sums; only where
+the CPU has AVX-512), `q8_1` (the Q4_1 values a byte each), `q8_0` (a GGUF's 8-bit output layer) and `q8_0v` (the
 same values in q4_1v's panels, multiplied the same way; AVX-512 only). Where PyTorch's kernels fall short, and
 what each format measured, is in docs/benchmarks.md.
 
@@ -244,12 +244,21 @@ class _Q4_1P(_BlockLinear):
 
 
 class _Q4_1V(_BlockLinear):
-    """q4_1p's panels, widened to int16 pairs per call and multiplied by q4_1's int16 activations with vpdpwssd
-    (see csrc/cpu_step.c): the same integer sums as q4_1, 32 multiply-adds an instruction; for several rows."""
+    """Q4_1's values in panels of 16 outputs, four values a 16-bit lane (see csrc/cpu_step.c), multiplied by
+    q4_1's int16 activations with vpdpwssd: the same integer sums as q4_1, 32 multiply-adds an instruction; for
+    several rows."""
 
     def __init__(self, q4: Q4Weights, kernels: CpuKernels) -> None:
-        panels = _Q4_1P(q4, kernels)
-        super().__init__(kernels.q4_1v_matmul, panels.n, panels.k, *panels.weights)
+        n, k = q4.q.shape
+        # lane 2j + e of chunk c, bits 4i..4i+3 = q[16p + j, 8c + 2i + e]
+        q = q4.q.to(torch.int32).view(n // 16, 16, k // 8, 4, 2).permute(0, 2, 1, 4, 3)  # [P, C, j, e, i]
+        lanes = q[..., 0] | (q[..., 1] << 4) | (q[..., 2] << 8) | (q[..., 3] << 12)
+        qv = lanes.reshape(n // 16, k // 8, 32).to(torch.uint16).contiguous()
+
+        def panels(v: torch.Tensor) -> torch.Tensor:
+            return v.float().view(n // 16, 16, k // GROUP).transpose(1, 2).contiguous()  # [N/16, K/32, 16]
+
+        super().__init__(kernels.q4_1v_matmul, n, k, qv, panels(q4.scale), panels(q4.low))
 
 
 class _Q8_1(_BlockLinear):

@@ -804,57 +804,62 @@ void q4_1p_matmul(const uint8_t *qp, const float *dp, const float *mp, const flo
 
 /* ---- Q4_1 in panels of 16 outputs x int16 activations, for several rows (AVX-512, with VNNI where present) ----
  *
- * The same panels as q4_1p_matmul and the same sums as q4_1_matmul (activations quantized to int16 per row,
- * integer dot products per block, then d * dot + m * sum(x)), with the outputs across the register instead of the
- * block: each thread widens a panel's 4-bit values once per call into int16 pairs (lane j of a 512-bit register
- * holds output j's values at columns k and k+1), and each row takes 16 of them per block with one
- * vpdpwssd each (vpmaddwd + vpaddd without VNNI): 32 multiply-adds an instruction and one int32 sum per block
- * and output, where q4_1_matmul's blocks spend a conversion and a float multiply-add per 32. The scale and
- * minimum of a block are one register for all 16 outputs.
+ * The same sums as q4_1_matmul (activations quantized to int16 per row, integer dot products per block, then
+ * d * dot + m * sum(x)), with the outputs across the register instead of the block: lane j of a 512-bit register
+ * holds output j's values at columns k and k+1 as two int16, and each row takes 16 such registers per block with
+ * one vpdpwssd each (vpmaddwd + vpaddd without VNNI): 32 multiply-adds an instruction and one int32 sum per block
+ * and output, where q4_1_matmul's blocks spend a conversion and a float multiply-add per 32. The scale and minimum
+ * of a block are one register for all 16 outputs.
  *
- * Layout as q4_1p_matmul's. N % 16 == 0, K % 32 == 0.
+ * The 4-bit values are stored so that widening them takes no shuffle: each 16-bit lane of a 64-byte chunk holds
+ * four values, one per nibble, that land in the same lane of four registers; a chunk is 8 columns of the panel,
+ * and its four registers come from one load, three shifts and three ands. (Widening the GGUF's own nibble order
+ * per call took about 10 shuffle-port operations per register and made the 16-row body 1.6x slower.)
+ *
+ * qv: [N/16, K/8, 32] uint16: lane L = 2j + e of chunk c holds q[16p + j, 8c + 2i + e] in bits 4i..4i+3, i = 0..3.
+ * dp, mp: [N/16, K/32, 16] float32 (scale and minimum of output 16p + j over columns 32b..32b+31).
+ * N % 16 == 0, K % 32 == 0.
  */
 #if defined(BLOCKS_512)
 #define V_ROWS 8
-/* Panel columns k, k+1 as int16 pairs: w[(k / 2) * 32 + 2 j + (k & 1)] = q[16p + j, k]. */
-static void widen_pairs(const uint8_t *q, int64_t K, int16_t *w) {
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    for (int64_t k = 0; k < K; k += 2) {
-        const __m128i raw = _mm_loadu_si128((const __m128i *)(q + k * 8)); /* columns k, k+1: 8 bytes each */
-        const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
-        const __m128i lo_pairs = _mm_unpacklo_epi8(lo, _mm_srli_si128(lo, 8)); /* outputs 0-7 */
-        const __m128i hi_pairs = _mm_unpacklo_epi8(hi, _mm_srli_si128(hi, 8)); /* outputs 8-15 */
-        _mm512_store_si512((void *)(w + k * 16), _mm512_cvtepu8_epi16(_mm256_set_m128i(hi_pairs, lo_pairs)));
-    }
-}
-
-/* w: the panel's int16 pairs (q4_1v), or (mp == NULL, q8_0v) the same layout a signed byte each, widened here;
+/* w: a panel's chunks (q4_1v), or (mp == NULL, q8_0v) its columns k, k+1 as pairs of signed bytes, [K/2, 32];
  * mp NULL also drops the minimum's term. */
 static inline __attribute__((always_inline)) void v_rows(const void *w, const float *dp, const float *mp,
                                                          const int16_t *xq, const float *dx, const float *sxs,
                                                          float *y, int64_t K, int64_t N, int rows) {
     const int64_t B = K / 32;
+    const __m512i low4 = _mm512_set1_epi16(0x0F);
     __m512 c[V_ROWS];
     for (int i = 0; i < V_ROWS; i++) c[i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < B; b++) {
         __m512i t[V_ROWS];
         for (int i = 0; i < V_ROWS; i++) t[i] = _mm512_setzero_si512();
-        for (int64_t kk = 0; kk < 16; kk++) {
-            const __m512i wv =
-                mp == NULL ? _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)((const int8_t *)w + (b * 16 + kk) * 32)))
-                           : _mm512_load_si512((const void *)((const int16_t *)w + (b * 16 + kk) * 32));
-            for (int i = 0; i < rows; i++) {
-                const int16_t *pair = xq + i * K + b * 32 + 2 * kk; /* columns k, k+1 of row i, as one int32 */
-#if defined(__AVX512VNNI__)
-                /* As asm, with the pair as a broadcast memory operand: GCC 12 wraps the intrinsic in two register
-                 * copies an instruction in this loop (the accumulator is tied to the output), 1.29x slower at 16 rows. */
-                __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(t[i]) : "v"(wv), "m"(*(const int32_t *)pair));
-#else
-                int32_t v;
-                memcpy(&v, pair, sizeof v);
-                t[i] = _mm512_add_epi32(t[i], _mm512_madd_epi16(wv, _mm512_set1_epi32(v)));
-#endif
+        for (int64_t kk = 0; kk < 16; kk += 4) { /* columns b * 32 + 2 kk .. + 7 */
+            __m512i wv[4];
+            if (mp == NULL) {
+                for (int e = 0; e < 4; e++)
+                    wv[e] = _mm512_cvtepi8_epi16(
+                        _mm256_loadu_si256((const __m256i *)((const int8_t *)w + (b * 16 + kk + e) * 32)));
+            } else {
+                const __m512i raw = _mm512_loadu_si512((const void *)((const uint16_t *)w + (b * 4 + kk / 4) * 32));
+                wv[0] = _mm512_and_si512(raw, low4);
+                wv[1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+                wv[2] = _mm512_and_si512(_mm512_srli_epi16(raw, 8), low4);
+                wv[3] = _mm512_srli_epi16(raw, 12);
             }
+            for (int e = 0; e < 4; e++)
+                for (int i = 0; i < rows; i++) {
+                    const int16_t *pair = xq + i * K + b * 32 + 2 * (kk + e); /* columns k, k+1 of row i */
+#if defined(__AVX512VNNI__)
+                    /* As asm, with the pair as a broadcast memory operand: GCC 12 wraps the intrinsic in two
+                     * register copies an instruction in this loop (the accumulator is tied to the output). */
+                    __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(t[i]) : "v"(wv[e]), "m"(*(const int32_t *)pair));
+#else
+                    int32_t v;
+                    memcpy(&v, pair, sizeof v);
+                    t[i] = _mm512_add_epi32(t[i], _mm512_madd_epi16(wv[e], _mm512_set1_epi32(v)));
+#endif
+                }
         }
         const __m512 d = _mm512_loadu_ps(dp + b * 16);
         if (mp == NULL)
@@ -869,7 +874,7 @@ static inline __attribute__((always_inline)) void v_rows(const void *w, const fl
 }
 #endif
 
-void q4_1v_matmul(const uint8_t *qp, const float *dp, const float *mp, const float *x, float *y, int64_t R,
+void q4_1v_matmul(const uint16_t *qv, const float *dp, const float *mp, const float *x, float *y, int64_t R,
                   int64_t N, int64_t K) {
     const int64_t B = K / 32;
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)(R * K));
@@ -878,45 +883,35 @@ void q4_1v_matmul(const uint8_t *qp, const float *dp, const float *mp, const flo
     /* y = dx * (sum_b d * dot_b + m * sum_b(x) / dx): the minimum's term inside the row's scale */
     for (int64_t r = 0; r < R; r++)
         for (int64_t b = 0; b < B; b++) sx[r * B + b] = dx[r] > 0.f ? sx[r * B + b] / dx[r] : 0.f;
-#pragma omp parallel
-    {
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < N / 16; p++) {
+        const uint16_t *q = qv + p * K * 4;
+        const float *dpp = dp + p * B * 16, *mpp = mp + p * B * 16;
 #if defined(BLOCKS_512)
-        int16_t *w = aligned_alloc(64, sizeof(int16_t) * (size_t)(K * 16));
-#endif
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < N / 16; p++) {
-            const uint8_t *q = qp + p * K * 8;
-            const float *dpp = dp + p * B * 16, *mpp = mp + p * B * 16;
-#if defined(BLOCKS_512)
-            widen_pairs(q, K, w);
-            for (int64_t r = 0; r < R; r += V_ROWS) {
-                const int16_t *xr = xq + r * K;
-                float *yr = y + r * N + p * 16;
-                switch (R - r < V_ROWS ? R - r : V_ROWS) {
-#define ROWS(k) case k: v_rows(w, dpp, mpp, xr, dx + r, sx + r * B, yr, K, N, k); break;
-                ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
+        for (int64_t r = 0; r < R; r += V_ROWS) {
+            const int16_t *xr = xq + r * K;
+            float *yr = y + r * N + p * 16;
+            switch (R - r < V_ROWS ? R - r : V_ROWS) {
+#define ROWS(k) case k: v_rows(q, dpp, mpp, xr, dx + r, sx + r * B, yr, K, N, k); break;
+            ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
 #undef ROWS
-                default: break;
-                }
+            default: break;
             }
-#else
-            for (int64_t r = 0; r < R; r++)
-                for (int j = 0; j < 16; j++) {
-                    float s = 0.f;
-                    for (int64_t b = 0; b < B; b++) {
-                        int32_t dot = 0;
-                        for (int64_t k = b * 32; k < b * 32 + 32; k++) {
-                            const uint8_t v = q[k * 8 + (j & 7)];
-                            dot += (int32_t)(j < 8 ? v & 15 : v >> 4) * xq[r * K + k];
-                        }
-                        s += (float)dot * dpp[b * 16 + j] + mpp[b * 16 + j] * sx[r * B + b];
-                    }
-                    y[r * N + p * 16 + j] = s * dx[r];
-                }
-#endif
         }
-#if defined(BLOCKS_512)
-        free(w);
+#else
+        for (int64_t r = 0; r < R; r++)
+            for (int j = 0; j < 16; j++) {
+                float s = 0.f;
+                for (int64_t b = 0; b < B; b++) {
+                    int32_t dot = 0;
+                    for (int64_t k = b * 32; k < b * 32 + 32; k++) {
+                        const int32_t v = (q[(k / 8) * 32 + 2 * j + (k & 1)] >> (4 * ((k % 8) / 2))) & 15;
+                        dot += v * xq[r * K + k];
+                    }
+                    s += (float)dot * dpp[b * 16 + j] + mpp[b * 16 + j] * sx[r * B + b];
+                }
+                y[r * N + p * 16 + j] = s * dx[r];
+            }
 #endif
     }
     free(xq);
