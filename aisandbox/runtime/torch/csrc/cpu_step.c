@@ -821,16 +821,18 @@ void q4_1p_matmul(const uint8_t *qp, const float *dp, const float *mp, const flo
  * N % 16 == 0, K % 32 == 0.
  */
 #if defined(BLOCKS_512)
-#define V_ROWS 8
+#define V_ROWS 16
 /* w: a panel's chunks (q4_1v), or (mp == NULL, q8_0v) its columns k, k+1 as pairs of signed bytes, [K/2, 32];
- * mp NULL also drops the minimum's term. */
+ * mp NULL also drops the minimum's term. Up to 16 rows take one pass over the panel: their int32 sums fill 16
+ * registers and the float32 sums wait in an L1 scratch between blocks (16 rows 8.6-9.9 -> 7.9-8.1 ms for the
+ * body, 8 rows 5.0 -> 4.4, against 8 rows a pass with the float sums in registers). */
 static inline __attribute__((always_inline)) void v_rows(const void *w, const float *dp, const float *mp,
                                                          const int16_t *xq, const float *dx, const float *sxs,
                                                          float *y, int64_t K, int64_t N, int rows) {
     const int64_t B = K / 32;
     const __m512i low4 = _mm512_set1_epi16(0x0F);
-    __m512 c[V_ROWS];
-    for (int i = 0; i < V_ROWS; i++) c[i] = _mm512_setzero_ps();
+    __attribute__((aligned(64))) float cm[V_ROWS * 16];
+    for (int i = 0; i < rows; i++) _mm512_store_ps(cm + 16 * i, _mm512_setzero_ps());
     for (int64_t b = 0; b < B; b++) {
         __m512i t[V_ROWS];
         for (int i = 0; i < V_ROWS; i++) t[i] = _mm512_setzero_si512();
@@ -863,14 +865,18 @@ static inline __attribute__((always_inline)) void v_rows(const void *w, const fl
         }
         const __m512 d = _mm512_loadu_ps(dp + b * 16);
         if (mp == NULL)
-            for (int i = 0; i < rows; i++) c[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[i]), d, c[i]);
+            for (int i = 0; i < rows; i++)
+                _mm512_store_ps(cm + 16 * i, _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[i]), d, _mm512_load_ps(cm + 16 * i)));
         else {
             const __m512 m = _mm512_loadu_ps(mp + b * 16);
             for (int i = 0; i < rows; i++)
-                c[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(sxs[i * B + b]), _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[i]), d, c[i]));
+                _mm512_store_ps(cm + 16 * i,
+                                _mm512_fmadd_ps(m, _mm512_set1_ps(sxs[i * B + b]),
+                                                _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[i]), d, _mm512_load_ps(cm + 16 * i))));
         }
     }
-    for (int i = 0; i < rows; i++) _mm512_storeu_ps(y + i * N, _mm512_mul_ps(c[i], _mm512_set1_ps(dx[i])));
+    for (int i = 0; i < rows; i++)
+        _mm512_storeu_ps(y + i * N, _mm512_mul_ps(_mm512_load_ps(cm + 16 * i), _mm512_set1_ps(dx[i])));
 }
 #endif
 
@@ -894,6 +900,7 @@ void q4_1v_matmul(const uint16_t *qv, const float *dp, const float *mp, const fl
             switch (R - r < V_ROWS ? R - r : V_ROWS) {
 #define ROWS(k) case k: v_rows(q, dpp, mpp, xr, dx + r, sx + r * B, yr, K, N, k); break;
             ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
+            ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15) ROWS(16)
 #undef ROWS
             default: break;
             }
@@ -945,6 +952,7 @@ void q8_0v_matmul(const int8_t *qp, const float *dp, const float *x, float *y, i
             switch (R - r < V_ROWS ? R - r : V_ROWS) {
 #define ROWS(k) case k: v_rows(q, dpp, NULL, xr, dx + r, NULL, yr, K, N, k); break;
             ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
+            ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15) ROWS(16)
 #undef ROWS
             default: break;
             }
