@@ -5,9 +5,9 @@ weights), `bf16` (only where the CPU has bf16 dot products), `int8` and `int4` (
 bfloat16 activations). Formats backed by our own C kernels (`cpu_kernels`, `csrc/cpu_step.c`): `q4_1` (a
 GGUF's Q4_1 blocks as they are, activations quantized per row), `q4_1p` (the same values in panels of 16
 outputs, unpacked to float32 per call, for several rows), `q4_1v` (the same values in panels laid out to widen
-to int16 without shuffles, multiplied by int16 activations with AVX-512 VNNI's vpdpwssd: q4_1's sums; only where
-the CPU has AVX-512), `q8_1` (the Q4_1 values a byte each), `q8_0` (a GGUF's 8-bit output layer) and `q8_0v` (the
-same values in q4_1v's panels, multiplied the same way; AVX-512 only). Where PyTorch's kernels fall short, and
+to int16 without shuffles, multiplied by int16 activations with vpdpwssd, AVX-512 VNNI's or AVX-VNNI's, or
+vpmaddwd: q4_1's sums; AVX2 CPUs and up), `q8_1` (the Q4_1 values a byte each), `q8_0` (a GGUF's 8-bit output
+layer) and `q8_0v` (the same values in q4_1v's panels, multiplied the same way). Where PyTorch's kernels fall short, and
 what each format measured, is in docs/benchmarks.md.
 
 Which format is fastest depends on the CPU and on how many rows (tokens) a step multiplies: at one decode
@@ -338,8 +338,8 @@ def supports(fmt: str, n: int, k: int) -> bool:
             hasattr(torch.ops.quantized, "linear_prepack_fp16")
             and "fbgemm" in torch.backends.quantized.supported_engines
         )
-    if fmt in ("q4_1v", "q8_0v") and not {"avx512f", "avx512bw"} <= set(cpu_flags()):
-        return False  # its vector path is AVX-512's; elsewhere only a plain loop (kept for the tests)
+    if fmt in ("q4_1v", "q8_0v") and not {"avx2", "fma"} <= set(cpu_flags()):
+        return False  # vector paths for AVX-512 and AVX2 (with AVX-VNNI where present); else a plain loop (tests)
     if fmt in ("q4_1", "q4_1p", "q4_1v", "q8_1", "q8_0", "q8_0v"):
         return (
             k % GROUP == 0

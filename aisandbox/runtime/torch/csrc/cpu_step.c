@@ -878,6 +878,72 @@ static inline __attribute__((always_inline)) void v_rows(const void *w, const fl
     for (int i = 0; i < rows; i++)
         _mm512_storeu_ps(y + i * N, _mm512_mul_ps(_mm512_load_ps(cm + 16 * i), _mm512_set1_ps(dx[i])));
 }
+#define V_CASES ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) \
+    ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15) ROWS(16)
+#elif defined(__AVX2__) && defined(__FMA__)
+/* The same with 256-bit registers (AVX2; vpdpwssd where the CPU has AVX-VNNI, else vpmaddwd + vpaddd): a panel's
+ * 16 outputs are two registers, lanes 0-15 and 16-31 of a chunk; with 16 registers, four rows a pass. */
+#define V_ROWS 4
+#define V_CASES ROWS(1) ROWS(2) ROWS(3) ROWS(4)
+static inline __attribute__((always_inline)) void v_rows(const void *w, const float *dp, const float *mp,
+                                                         const int16_t *xq, const float *dx, const float *sxs,
+                                                         float *y, int64_t K, int64_t N, int rows) {
+    const int64_t B = K / 32;
+    const __m256i low4 = _mm256_set1_epi16(0x0F);
+    __attribute__((aligned(32))) float cm[V_ROWS * 16];
+    for (int i = 0; i < rows * 2; i++) _mm256_store_ps(cm + 8 * i, _mm256_setzero_ps());
+    for (int64_t b = 0; b < B; b++) {
+        __m256i t[V_ROWS][2];
+        for (int i = 0; i < V_ROWS; i++) t[i][0] = t[i][1] = _mm256_setzero_si256();
+        for (int64_t kk = 0; kk < 16; kk += 4) { /* columns b * 32 + 2 kk .. + 7 */
+            __m256i raw[2];
+            if (mp != NULL)
+                for (int h = 0; h < 2; h++)
+                    raw[h] = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + (b * 4 + kk / 4) * 32 + 16 * h));
+            for (int e = 0; e < 4; e++) {
+                __m256i wv[2];
+                for (int h = 0; h < 2; h++) {
+                    if (mp == NULL)
+                        wv[h] = _mm256_cvtepi8_epi16(
+                            _mm_loadu_si128((const __m128i *)((const int8_t *)w + (b * 16 + kk + e) * 32 + 16 * h)));
+                    else
+                        wv[h] = _mm256_and_si256(_mm256_srli_epi16(raw[h], 4 * e), low4);
+                }
+                for (int i = 0; i < rows; i++) {
+                    int32_t v;
+                    memcpy(&v, xq + i * K + b * 32 + 2 * (kk + e), sizeof v); /* columns k, k+1 of row i */
+                    const __m256i x2 = _mm256_set1_epi32(v);
+                    for (int h = 0; h < 2; h++) {
+#if defined(__AVXVNNI__)
+                        /* As asm: GCC 12 wraps the intrinsic in register copies, as in the 512-bit loop. */
+                        __asm__("%{vex%} vpdpwssd %2, %1, %0" : "+x"(t[i][h]) : "x"(wv[h]), "x"(x2));
+#else
+                        t[i][h] = _mm256_add_epi32(t[i][h], _mm256_madd_epi16(wv[h], x2));
+#endif
+                    }
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256 d = _mm256_loadu_ps(dp + b * 16 + 8 * h);
+            if (mp == NULL)
+                for (int i = 0; i < rows; i++)
+                    _mm256_store_ps(cm + 16 * i + 8 * h,
+                                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[i][h]), d, _mm256_load_ps(cm + 16 * i + 8 * h)));
+            else {
+                const __m256 m = _mm256_loadu_ps(mp + b * 16 + 8 * h);
+                for (int i = 0; i < rows; i++)
+                    _mm256_store_ps(cm + 16 * i + 8 * h,
+                                    _mm256_fmadd_ps(m, _mm256_set1_ps(sxs[i * B + b]),
+                                                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[i][h]), d,
+                                                                    _mm256_load_ps(cm + 16 * i + 8 * h))));
+            }
+        }
+    }
+    for (int i = 0; i < rows; i++)
+        for (int h = 0; h < 2; h++)
+            _mm256_storeu_ps(y + i * N + 8 * h, _mm256_mul_ps(_mm256_load_ps(cm + 16 * i + 8 * h), _mm256_set1_ps(dx[i])));
+}
 #endif
 
 void q4_1v_matmul(const uint16_t *qv, const float *dp, const float *mp, const float *x, float *y, int64_t R,
@@ -893,14 +959,13 @@ void q4_1v_matmul(const uint16_t *qv, const float *dp, const float *mp, const fl
     for (int64_t p = 0; p < N / 16; p++) {
         const uint16_t *q = qv + p * K * 4;
         const float *dpp = dp + p * B * 16, *mpp = mp + p * B * 16;
-#if defined(BLOCKS_512)
+#if defined(V_ROWS)
         for (int64_t r = 0; r < R; r += V_ROWS) {
             const int16_t *xr = xq + r * K;
             float *yr = y + r * N + p * 16;
             switch (R - r < V_ROWS ? R - r : V_ROWS) {
 #define ROWS(k) case k: v_rows(q, dpp, mpp, xr, dx + r, sx + r * B, yr, K, N, k); break;
-            ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
-            ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15) ROWS(16)
+            V_CASES
 #undef ROWS
             default: break;
             }
@@ -945,14 +1010,13 @@ void q8_0v_matmul(const int8_t *qp, const float *dp, const float *x, float *y, i
     for (int64_t p = 0; p < N / 16; p++) {
         const int8_t *q = qp + p * K * 16;
         const float *dpp = dp + p * B * 16;
-#if defined(BLOCKS_512)
+#if defined(V_ROWS)
         for (int64_t r = 0; r < R; r += V_ROWS) {
             const int16_t *xr = xq + r * K;
             float *yr = y + r * N + p * 16;
             switch (R - r < V_ROWS ? R - r : V_ROWS) {
 #define ROWS(k) case k: v_rows(q, dpp, NULL, xr, dx + r, NULL, yr, K, N, k); break;
-            ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
-            ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15) ROWS(16)
+            V_CASES
 #undef ROWS
             default: break;
             }
