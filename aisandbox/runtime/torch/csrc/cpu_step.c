@@ -392,38 +392,45 @@ enum { Q4_1 = 0, Q8_1 = 1, Q8_0 = 2 };
 #endif
 
 /* x [R, K] -> xq int16 [Rp, K] (rows R..Rp-1 zero), dx [Rp] (row scale), sx [Rp, K/32] (block sums of x). */
+/* Row r of x [R, K] -> xq int16 [K], its scale dx[r] and block sums sx [K/32]. */
+static void quantize_row(const float *x, int16_t *xq, float *dx, float *sx, int64_t r, int64_t K, int reorder) {
+    const int64_t B = K / 32;
+    const float *v = x + r * K;
+    xq += r * K;
+    sx += r * B;
+    float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+    for (int64_t j = 0; j < K; j++) {
+        float a = fabsf(v[j]);
+        amax = a > amax ? a : amax;
+    }
+    float d = amax / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
+    if (reorder) {
+        /* In each block, the order the AVX2 widen() unpacks the weights in: 0-7, 16-23, 8-15, 24-31. */
+        for (int64_t b = 0; b < B; b++)
+            for (int part = 0; part < 4; part++) {
+                const int64_t from = b * 32 + (part & 1) * 16 + (part >> 1) * 8, to = b * 32 + part * 8;
+#pragma omp simd
+                for (int j = 0; j < 8; j++) xq[to + j] = (int16_t)lrintf(v[from + j] * inv);
+            }
+    } else {
+#pragma omp simd
+        for (int64_t j = 0; j < K; j++) xq[j] = (int16_t)lrintf(v[j] * inv);
+    }
+    dx[r] = d;
+    for (int64_t b = 0; b < B; b++) {
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int j = 0; j < 32; j++) sum += v[b * 32 + j];
+        sx[b] = sum;
+    }
+}
+
+/* x [R, K] -> xq int16 [Rp, K] (rows R..Rp-1 zero), dx [Rp] (row scale), sx [Rp, K/32] (block sums of x). */
 static void quantize_rows(const float *x, int16_t *xq, float *dx, float *sx, int64_t R, int64_t Rp, int64_t K,
                           int reorder) {
     const int64_t B = K / 32;
-    for (int64_t r = 0; r < R; r++) {
-        const float *v = x + r * K;
-        float amax = 0.f;
-#pragma omp simd reduction(max : amax)
-        for (int64_t j = 0; j < K; j++) {
-            float a = fabsf(v[j]);
-            amax = a > amax ? a : amax;
-        }
-        float d = amax / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
-        if (reorder) {
-            /* In each block, the order the AVX2 widen() unpacks the weights in: 0-7, 16-23, 8-15, 24-31. */
-            for (int64_t b = 0; b < B; b++)
-                for (int part = 0; part < 4; part++) {
-                    const int64_t from = b * 32 + (part & 1) * 16 + (part >> 1) * 8, to = b * 32 + part * 8;
-#pragma omp simd
-                    for (int j = 0; j < 8; j++) xq[r * K + to + j] = (int16_t)lrintf(v[from + j] * inv);
-                }
-        } else {
-#pragma omp simd
-            for (int64_t j = 0; j < K; j++) xq[r * K + j] = (int16_t)lrintf(v[j] * inv);
-        }
-        dx[r] = d;
-        for (int64_t b = 0; b < B; b++) {
-            float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-            for (int j = 0; j < 32; j++) sum += v[b * 32 + j];
-            sx[r * B + b] = sum;
-        }
-    }
+    for (int64_t r = 0; r < R; r++) quantize_row(x, xq, dx, sx, r, K, reorder);
     for (int64_t r = R; r < Rp; r++) {
         memset(xq + r * K, 0, sizeof(int16_t) * (size_t)K);
         dx[r] = 0.f;
@@ -802,7 +809,7 @@ void q4_1p_matmul(const uint8_t *qp, const float *dp, const float *mp, const flo
     }
 }
 
-/* ---- Q4_1 in panels of 16 outputs x int16 activations, for several rows (AVX-512, with VNNI where present) ----
+/* ---- Q4_1 in panels of 16 outputs x int16 activations, for several rows (AVX-512 or AVX2, VNNI where present) ----
  *
  * The same sums as q4_1_matmul (activations quantized to int16 per row, integer dot products per block, then
  * d * dot + m * sum(x)), with the outputs across the register instead of the block: lane j of a 512-bit register
@@ -951,47 +958,61 @@ void q4_1v_matmul(const uint16_t *qv, const float *dp, const float *mp, const fl
     const int64_t B = K / 32;
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)(R * K));
     float *dx = malloc(sizeof(float) * (size_t)R), *sx = malloc(sizeof(float) * (size_t)(R * B));
-    quantize_rows(x, xq, dx, sx, R, R, K, 0);
     /* y = dx * (sum_b d * dot_b + m * sum_b(x) / dx): the minimum's term inside the row's scale */
-    for (int64_t r = 0; r < R; r++)
-        for (int64_t b = 0; b < B; b++) sx[r * B + b] = dx[r] > 0.f ? sx[r * B + b] / dx[r] : 0.f;
-#pragma omp parallel for schedule(static)
-    for (int64_t p = 0; p < N / 16; p++) {
-        const uint16_t *q = qv + p * K * 4;
-        const float *dpp = dp + p * B * 16, *mpp = mp + p * B * 16;
-#if defined(V_ROWS)
-        for (int64_t r = 0; r < R; r += V_ROWS) {
-            const int16_t *xr = xq + r * K;
-            float *yr = y + r * N + p * 16;
-            switch (R - r < V_ROWS ? R - r : V_ROWS) {
-#define ROWS(k) case k: v_rows(q, dpp, mpp, xr, dx + r, sx + r * B, yr, K, N, k); break;
-            V_CASES
-#undef ROWS
-            default: break;
-            }
+#define QUANTIZE_ROW(r)                                                                                            \
+    do {                                                                                                           \
+        quantize_row(x, xq, dx, sx, r, K, 0);                                                                      \
+        for (int64_t b = 0; b < B; b++) sx[(r) * B + b] = dx[r] > 0.f ? sx[(r) * B + b] / dx[r] : 0.f;            \
+    } while (0)
+    if (R < 8)
+        for (int64_t r = 0; r < R; r++) QUANTIZE_ROW(r);
+#pragma omp parallel
+    {
+        /* From 8 rows the team quantizes them too (alone, at 16 rows, the four a layer took ~1 ms of a step);
+         * below, the barrier this costs is the larger part. */
+        if (R >= 8) {
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < R; r++) QUANTIZE_ROW(r);
         }
-#else
-        for (int64_t r = 0; r < R; r++)
-            for (int j = 0; j < 16; j++) {
-                float s = 0.f;
-                for (int64_t b = 0; b < B; b++) {
-                    int32_t dot = 0;
-                    for (int64_t k = b * 32; k < b * 32 + 32; k++) {
-                        const int32_t v = (q[(k / 8) * 32 + 2 * j + (k & 1)] >> (4 * ((k % 8) / 2))) & 15;
-                        dot += v * xq[r * K + k];
-                    }
-                    s += (float)dot * dpp[b * 16 + j] + mpp[b * 16 + j] * sx[r * B + b];
+#undef QUANTIZE_ROW
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < N / 16; p++) {
+            const uint16_t *q = qv + p * K * 4;
+            const float *dpp = dp + p * B * 16, *mpp = mp + p * B * 16;
+#if defined(V_ROWS)
+            for (int64_t r = 0; r < R; r += V_ROWS) {
+                const int16_t *xr = xq + r * K;
+                float *yr = y + r * N + p * 16;
+                switch (R - r < V_ROWS ? R - r : V_ROWS) {
+#define ROWS(k) case k: v_rows(q, dpp, mpp, xr, dx + r, sx + r * B, yr, K, N, k); break;
+                V_CASES
+#undef ROWS
+                default: break;
                 }
-                y[r * N + p * 16 + j] = s * dx[r];
             }
+#else
+            for (int64_t r = 0; r < R; r++)
+                for (int j = 0; j < 16; j++) {
+                    float s = 0.f;
+                    for (int64_t b = 0; b < B; b++) {
+                        int32_t dot = 0;
+                        for (int64_t k = b * 32; k < b * 32 + 32; k++) {
+                            const int32_t v = (q[(k / 8) * 32 + 2 * j + (k & 1)] >> (4 * ((k % 8) / 2))) & 15;
+                            dot += v * xq[r * K + k];
+                        }
+                        s += (float)dot * dpp[b * 16 + j] + mpp[b * 16 + j] * sx[r * B + b];
+                    }
+                    y[r * N + p * 16 + j] = s * dx[r];
+                }
 #endif
+        }
     }
     free(xq);
     free(dx);
     free(sx);
 }
 
-/* ---- Q8_0 in panels of 16 outputs x int16 activations, for several rows (AVX-512, with VNNI where present) ----
+/* ---- Q8_0 in panels of 16 outputs x int16 activations, for several rows (AVX-512 or AVX2, VNNI where present) ----
  *
  * q4_1v's loop for a GGUF's 8-bit output layer: the same sums as q8_0_matmul (activations quantized to int16 per
  * row, integer dot products per block of 32, then d * dot), the outputs across the register. The values are stored
@@ -1005,34 +1026,42 @@ void q8_0v_matmul(const int8_t *qp, const float *dp, const float *x, float *y, i
     const int64_t B = K / 32;
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)(R * K));
     float *dx = malloc(sizeof(float) * (size_t)R), *sx = malloc(sizeof(float) * (size_t)(R * B));
-    quantize_rows(x, xq, dx, sx, R, R, K, 0);
-#pragma omp parallel for schedule(static)
-    for (int64_t p = 0; p < N / 16; p++) {
-        const int8_t *q = qp + p * K * 16;
-        const float *dpp = dp + p * B * 16;
-#if defined(V_ROWS)
-        for (int64_t r = 0; r < R; r += V_ROWS) {
-            const int16_t *xr = xq + r * K;
-            float *yr = y + r * N + p * 16;
-            switch (R - r < V_ROWS ? R - r : V_ROWS) {
-#define ROWS(k) case k: v_rows(q, dpp, NULL, xr, dx + r, NULL, yr, K, N, k); break;
-            V_CASES
-#undef ROWS
-            default: break;
-            }
+    if (R < 8)
+        for (int64_t r = 0; r < R; r++) quantize_row(x, xq, dx, sx, r, K, 0);
+#pragma omp parallel
+    {
+        if (R >= 8) { /* as in q4_1v_matmul */
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < R; r++) quantize_row(x, xq, dx, sx, r, K, 0);
         }
-#else
-        for (int64_t r = 0; r < R; r++)
-            for (int j = 0; j < 16; j++) {
-                float s = 0.f;
-                for (int64_t b = 0; b < B; b++) {
-                    int32_t dot = 0;
-                    for (int64_t k = b * 32; k < b * 32 + 32; k++) dot += (int32_t)q[(k / 2) * 32 + 2 * j + (k & 1)] * xq[r * K + k];
-                    s += (float)dot * dpp[b * 16 + j];
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < N / 16; p++) {
+            const int8_t *q = qp + p * K * 16;
+            const float *dpp = dp + p * B * 16;
+#if defined(V_ROWS)
+            for (int64_t r = 0; r < R; r += V_ROWS) {
+                const int16_t *xr = xq + r * K;
+                float *yr = y + r * N + p * 16;
+                switch (R - r < V_ROWS ? R - r : V_ROWS) {
+#define ROWS(k) case k: v_rows(q, dpp, NULL, xr, dx + r, NULL, yr, K, N, k); break;
+                V_CASES
+#undef ROWS
+                default: break;
                 }
-                y[r * N + p * 16 + j] = s * dx[r];
             }
+#else
+            for (int64_t r = 0; r < R; r++)
+                for (int j = 0; j < 16; j++) {
+                    float s = 0.f;
+                    for (int64_t b = 0; b < B; b++) {
+                        int32_t dot = 0;
+                        for (int64_t k = b * 32; k < b * 32 + 32; k++) dot += (int32_t)q[(k / 2) * 32 + 2 * j + (k & 1)] * xq[r * K + k];
+                        s += (float)dot * dpp[b * 16 + j];
+                    }
+                    y[r * N + p * 16 + j] = s * dx[r];
+                }
 #endif
+        }
     }
     free(xq);
     free(dx);
