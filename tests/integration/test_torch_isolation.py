@@ -90,6 +90,29 @@ async def test_a_long_prompt_interleaves_with_a_running_stream(engine: Tapped, t
     assert all(not (a == b == "chunk") for a, b in zip(between, between[1:], strict=False)), between
 
 
+async def test_the_prefill_budget_counts_only_what_the_prefix_cache_does_not_hold(
+    engine: Tapped, tiny_mistral_dir: Path
+) -> None:
+    """Prompts longer than the budget whose prefix the cache holds are prefilled whole, in groups: only their
+    uncached tokens count (16 cached + 8 new of 24, against a budget of 16), not chunked one at a time."""
+    shared = [1] + [(7 * i) % 3000 + 10 for i in range(1, 16)]  # 16 tokens: two blocks of 8
+    await collect(engine, "warm", shared, greedy(2))  # within the budget: prefilled whole, its blocks cached
+    chunks = 0
+    stage = engine.torch._stage_chunk
+
+    def counting(*args: Any) -> None:
+        nonlocal chunks
+        chunks += 1
+        stage(*args)
+
+    engine.torch._stage_chunk = counting  # type: ignore[method-assign]
+    prompts = [[*shared, *(100 + 10 * k + j for j in range(8))] for k in range(4)]
+    results = await asyncio.gather(*(collect(engine, f"p{k}", p, greedy(3)) for k, p in enumerate(prompts)))
+    assert chunks == 0
+    for p, (tokens, _) in zip(prompts, results, strict=True):
+        assert tokens == reference_greedy(tiny_mistral_dir, p, 3)
+
+
 async def test_short_prompts_are_admitted_while_a_long_one_stages(engine: Tapped) -> None:
     long_prompt = [1] + [(13 * i) % 3000 + 10 for i in range(1, 200)]
     stage = engine.torch._stage_chunk

@@ -167,6 +167,18 @@ class _PrefixCache:
         self.hits += len(found) * self.BLOCK
         return len(found) * self.BLOCK, found
 
+    def peek(self, tokens: tuple[int, ...]) -> int:
+        """What `lookup` would find, in tokens, without touching the LRU order or the hit counts."""
+        if not self.budget:
+            return 0
+        n = 0
+        for i, key in enumerate(self._keys(tokens, len(tokens) - 1)):
+            entry = self._blocks.get(key)
+            if entry is None or entry[0] != tokens[i * self.BLOCK : (i + 1) * self.BLOCK]:
+                break
+            n += self.BLOCK
+        return n
+
     def store(self, tokens: tuple[int, ...], cached: int, read: Any) -> None:
         """Keep the prompt's full blocks after the first `cached` tokens; read(lo, hi) returns their KV."""
         if not self.budget:
@@ -503,7 +515,14 @@ class TorchBackend:
         budget = self.config.max_prefill_tokens
         while waiting and len(running) + len(group) < self.config.max_batch_size:
             seq = waiting[0]
-            n = len(seq.request.prompt_token_ids) - seq.staged  # tokens this prefill runs
+            prompt = seq.request.prompt_token_ids
+            # Tokens this prefill runs: the budget counts what is computed, so a prefix the cache holds is free
+            # (as vLLM's scheduler counts it); a prompt that asks for prompt logprobs runs whole.
+            if seq.staged_kv is not None:
+                cached = seq.staged
+            else:
+                cached = 0 if seq.sampling.prompt_logprobs is not None else self._prefix.peek(prompt)
+            n = len(prompt) - cached
             if n > budget and seq.sampling.prompt_logprobs is None:
                 # Too long for one step: prefill it in chunks between decode steps (one prompt at a time); the
                 # prompts behind it go on being admitted.
