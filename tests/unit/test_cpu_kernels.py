@@ -225,6 +225,7 @@ _BUILDS = {
     "plain": ["-mno-avx2", "-mno-fma"],
     "avx2": ["-mno-avx512f"],  # with AVX-VNNI where this CPU has it
     "avx2-no-vnni": ["-mno-avx512f", "-mno-avxvnni"],
+    "avx512-no-vnni": ["-mno-avx512vnni"],  # AVX-512 without VNNI (Skylake-X): vpmaddwd + vpaddd
 }
 
 
@@ -237,7 +238,7 @@ def test_every_build_matches_the_native_one(ck, tmp_path, build: str) -> None:  
 
     from aisandbox.runtime.torch.cpu_weights import cpu_flags
 
-    if build.startswith("avx2") and not {"avx512f", "avx512bw"} <= set(cpu_flags()):
+    if build.startswith(("avx2", "avx512")) and not {"avx512f", "avx512bw"} <= set(cpu_flags()):
         pytest.skip("this CPU has no AVX-512: its native build is the AVX2 one")
     cc = cpu_kernels._compiler()
     assert cc is not None
