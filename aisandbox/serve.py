@@ -53,6 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="torch backend on CPU: linear weight format; auto measures (default), fp32 is exact",
     )
     p.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "float16", "float32"],
+        help="torch backend: KV cache dtype; auto is float16 on the CPU tuned path, the model's dtype elsewhere",
+    )
+    p.add_argument(
         "--retime-cpu-formats",
         action="store_const",
         const=True,

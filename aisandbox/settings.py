@@ -50,6 +50,11 @@ class ServerSettings(BaseSettings):
     """torch backend on CPU with float32: the linear layers' weight format. `auto` times each format on the
     model's own layer shapes at load and picks the fastest per batch size (the 4-bit one from the GGUF's own
     Q4_1 blocks for the default model); `fp32` keeps greedy output identical to transformers."""
+    kv_cache_dtype: Literal["auto", "float16", "float32"] = "auto"
+    """torch backend: what the KV cache holds. `auto`: float16 on the CPU tuned path (the C kernels read it; half
+    the memory and the bytes each decode step reads, as llama.cpp's default f16 cache), the model's dtype
+    elsewhere; `float32` keeps the CPU path's cache in float32. Anything but the tuned CPU path keeps the model's
+    dtype."""
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     """Most sequences decoded together (torch backend)."""
     max_prefill_tokens: int = Field(default=512, ge=16)

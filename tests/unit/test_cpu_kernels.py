@@ -151,9 +151,9 @@ def _decode(fwd: CpuForward, kv: _SlotKV, starts: list[int], col: int, tokens: t
     return fwd(tokens[:, None], pos, mask, kv, False, st if fused else None)
 
 
-def _kv(model) -> _SlotKV:  # type: ignore[no-untyped-def]
+def _kv(model, dtype: torch.dtype = torch.float32) -> _SlotKV:  # type: ignore[no-untyped-def]
     cfg = model.config
-    kv = _SlotKV(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float32, torch.device("cpu"))
+    kv = _SlotKV(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, dtype, torch.device("cpu"))
     kv.max_rows = 4
     kv.ensure(4, 256)
     return kv
@@ -169,10 +169,15 @@ def wide_heads():  # type: ignore[no-untyped-def]
     }
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(("long_prompt", "heads"), [(False, None), (True, None), (False, (6, 64)), (False, (8, 32))])
 def test_fused_forward_matches_pytorch_ops_with_padding_and_decode(
-    ck, tiny_llama, wide_heads, monkeypatch, long_prompt: bool, heads: tuple[int, int] | None
+    ck, tiny_llama, wide_heads, monkeypatch, long_prompt: bool, heads: tuple[int, int] | None, kv_dtype: torch.dtype
 ) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
+    """Our kernels against PyTorch's ops over the same cache: float32, or float16 (kv_cache_dtype's default on
+    this path: our kernels convert as they read, PyTorch's attention gets it converted)."""
+    if kv_dtype == torch.float16 and not ck.kv_half:
+        pytest.skip("this build has no F16C: the cache stays float32")
     if long_prompt:  # the prefill takes PyTorch's flash attention between our kernels
         monkeypatch.setattr(cpu_forward, "ATTEND_LIMIT", 16)
     if heads is not None:
@@ -183,7 +188,7 @@ def test_fused_forward_matches_pytorch_ops_with_padding_and_decode(
     out = {}
     with torch.inference_mode():
         for fused in (False, True):
-            kv = _kv(tiny_llama)
+            kv = _kv(tiny_llama, kv_dtype)
             logits = [_group_step(fwd, kv, starts, col, width, fused)]
             for step in range(4):
                 logits.append(_decode(fwd, kv, starts, col + step, logits[-1].argmax(-1), fused))
@@ -262,25 +267,33 @@ def test_every_build_matches_the_native_one(ck, tmp_path, build: str) -> None:  
     hq, hk, d, rows, cols, cap = 6, 2, 64, 3, 37, 64
     qkv, cos, sin = torch.randn(rows, 1, (hq + 2 * hk) * d), torch.randn(rows, 1, d), torch.randn(rows, 1, d)
     start = torch.tensor([0, 4, 9])
-    outs = []
-    for lib in (ck, plain):
-        kb, vb = torch.ones(rows, hk, cap, d), torch.ones(rows, hk, cap, d)
-        g = torch.Generator().manual_seed(1)
-        kb[:, :, : cols - 1].normal_(generator=g)
-        vb[:, :, : cols - 1].normal_(generator=g)
-        qout, out = torch.empty(rows, 1, hq, d), torch.empty(rows, 1, hq * d)
-        lib.rope_store_attend(
-            qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), kb.data_ptr(), vb.data_ptr(), cap, 0, cols - 1,
-            start.data_ptr(), None, rows, 1, hq, hk, d, qout.data_ptr(), out.data_ptr(), d**-0.5,
-        )  # fmt: skip
-        outs.append(out)
-    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+    # Every build with F16C (all but the plain one) also reads and writes a float16 cache.
+    assert plain.kv_half == (build != "plain") and ck.kv_half
+    for dtype in (torch.float32, torch.float16) if plain.kv_half else (torch.float32,):
+        outs = []
+        for lib in (ck, plain):
+            kb, vb = torch.ones(rows, hk, cap, d, dtype=dtype), torch.ones(rows, hk, cap, d, dtype=dtype)
+            g = torch.Generator().manual_seed(1)
+            kb[:, :, : cols - 1] = torch.randn(rows, hk, cols - 1, d, generator=g).to(dtype)
+            vb[:, :, : cols - 1] = torch.randn(rows, hk, cols - 1, d, generator=g).to(dtype)
+            qout, out = torch.empty(rows, 1, hq, d), torch.empty(rows, 1, hq * d)
+            lib.rope_store_attend(
+                qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), kb.data_ptr(), vb.data_ptr(), cap, 0, cols - 1,
+                start.data_ptr(), None, rows, 1, hq, hk, d, qout.data_ptr(), out.data_ptr(), d**-0.5,
+                int(dtype == torch.float16),
+            )  # fmt: skip
+            outs.append((out, kb[:, :, cols - 1].clone(), vb[:, :, cols - 1].clone()))
+        assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-4), dtype
+        assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][2], outs[1][2]), dtype  # the stored column
 
 
-@pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "q4_1v"])
-def test_the_whole_stack_in_one_call_matches_the_layer_loop(ck, wide_heads, fmt: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("fmt", "kv_dtype"), [("q4_1", torch.float32), ("q8_0", torch.float32),
+                                               ("q4_1v", torch.float32), ("q4_1v", torch.float16)])  # fmt: skip
+def test_the_whole_stack_in_one_call_matches_the_layer_loop(ck, wide_heads, fmt: str, kv_dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
     """forward_layers (one C call for every layer, when each runs one of our block formats) against the Python
     loop over the same kernels: left padding, a cached prefix that must not be stored, then decode steps."""
+    if kv_dtype == torch.float16 and not ck.kv_half:
+        pytest.skip("this build has no F16C: the cache stays float32")
     model = copy.deepcopy(wide_heads[(6, 64)])
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():  # norms of ones would hide a swapped norm
@@ -300,7 +313,7 @@ def test_the_whole_stack_in_one_call_matches_the_layer_loop(ck, wide_heads, fmt:
     with torch.inference_mode():
         for one_call in (False, True):
             fwd._plans = plans if one_call else {}
-            kv = _kv(model)
+            kv = _kv(model, kv_dtype)
             for buf in kv.k + kv.v:
                 buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(5)))
             logits = [_group_step(fwd, kv, starts, col, width, True, valid)]

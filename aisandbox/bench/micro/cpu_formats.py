@@ -11,7 +11,8 @@ Three measurements, each printed as a Markdown table:
   `cpu_weights.q4_1_blocks`) and gguf's own dequantization of the same GGUF tensors; also after the scales'
   rounding to bfloat16 that the int4 kernel needs.
 * `agree`: greedy agreement with fp32 on 32 short chat prompts, 64 tokens each (all 32 decoded together
-  through the real engine; `auto@1` one at a time), per format (`formats=int4,auto@1` to pick some):
+  through the real engine; `auto@1` one at a time; `auto/kv32` with a float32 KV cache), per format
+  (`formats=int4,auto@1` to pick some):
   prompts whose 64 tokens are identical, and the mean count of tokens before the first difference.
 * `profile`: where a decode step's time goes, by kind of op (torch.profiler), at batch 1 and 16, with PyTorch's
   ops between the multiplies (the first pass's view; for the C kernels' share, sample the engine with py-spy).
@@ -213,7 +214,7 @@ def q4_diff(model_dir: Path) -> None:
     )
 
 
-def _greedy(model_dir: Path, fmt: str, prompts: list[list[int]], batch: int = 32) -> list[list[int]]:
+def _greedy(model_dir: Path, fmt: str, prompts: list[list[int]], batch: int = 32, kv: str = "auto") -> list[list[int]]:
     """Greedy token ids from the torch backend itself (a host that records each request's tokens)."""
     import threading
 
@@ -238,7 +239,9 @@ def _greedy(model_dir: Path, fmt: str, prompts: list[list[int]], batch: int = 32
                         self.done.set()
 
     async def run() -> list[list[int]]:
-        config = TorchEngineConfig(model_path=model_dir, dtype="float32", weights_dtype=fmt, max_batch_size=batch)
+        config = TorchEngineConfig(
+            model_path=model_dir, dtype="float32", weights_dtype=fmt, max_batch_size=batch, kv_cache_dtype=kv
+        )
         backend, host = TorchBackend(config), Host()
         backend.start(host)  # type: ignore[arg-type]
         await asyncio.to_thread(host.ready.wait, 600)
@@ -261,9 +264,11 @@ def agree(model_dir: Path) -> None:
     only = [f for f in sys.argv[1:] if f.startswith("formats=")]
     fmts = only[0].split("=", 1)[1].split(",") if only else ["fp16", "q4_1", "q8_1", "q8_0", "int4", "auto", "auto@1"]
     for fmt in fmts:
-        # auto@1: one prompt at a time (max_batch_size 1), so auto's small-batch formats decode every token.
-        name, _, batch = fmt.partition("@")
-        got = _greedy(model_dir, name, prompts, int(batch or 32))
+        # auto@1: one prompt at a time (max_batch_size 1), so auto's small-batch formats decode every token;
+        # auto/kv32: a float32 KV cache (kv_cache_dtype; the default on the kernels' path is float16).
+        spec, _, kv = fmt.partition("/kv")
+        name, _, batch = spec.partition("@")
+        got = _greedy(model_dir, name, prompts, int(batch or 32), {"": "auto", "32": "float32", "16": "float16"}[kv])
         same = sum(a == b for a, b in zip(ref, got, strict=True))
         prefix = [
             next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), 64)

@@ -62,7 +62,7 @@ def attention(lib: CpuKernels, rows: int, cols: int) -> Callable[[], torch.Tenso
         out = torch.empty(rows, 1, HQ * D)
         lib.rope_store_attend(
             qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), kb.data_ptr(), vb.data_ptr(), cap, 0, cols - 1,
-            start.data_ptr(), None, rows, 1, HQ, HK, D, qout.data_ptr(), out.data_ptr(), ctypes.c_float(D**-0.5),
+            start.data_ptr(), None, rows, 1, HQ, HK, D, qout.data_ptr(), out.data_ptr(), ctypes.c_float(D**-0.5), 0,
         )  # fmt: skip
         return out
 

@@ -9,7 +9,8 @@ are timed; the sum of the parts is its wall time, the timers costing about a mic
 counted in "rest"), and, interleaved with it, the step as the engine serves it: the whole stack in one C call
 (forward_layers) where every layer's format at that row count is one of ours.
 
-Run: `.venv/bin/python -m aisandbox.bench.micro.step_profile [steps=40]`.
+Run: `.venv/bin/python -m aisandbox.bench.micro.step_profile [steps=40] [cols=161]` (cols: the KV columns each row
+attends to, its own included).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class _TimedKernels:
 
 def main() -> None:
     steps = int(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("steps=")), "40"))
+    cols = int(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("cols=")), "161"))
     from transformers import AutoModelForCausalLM
 
     settings = ServerSettings()
@@ -78,19 +80,20 @@ def main() -> None:
     plans = fwd._plans
     kv = _SlotKV(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float32, torch.device("cpu"))
     kv.max_rows = 16
-    kv.ensure(16, 256)
+    kv.ensure(16, max(256, cols))
     for buf in kv.k + kv.v:
         buf.normal_()
-    print(f"\nCPU flags: {' '.join(cpu_flags())}; {torch.get_num_threads()} threads; {steps} steps a row count\n")
+    threads = torch.get_num_threads()
+    print(f"\nCPU flags: {' '.join(cpu_flags())}; {threads} threads; {steps} steps a row count; {cols} columns\n")
     for rows in (1, 16):
         per: dict[str, list[float]] = defaultdict(list)
         ids = torch.randint(100, 1000, (rows, 1))
-        pos = torch.full((rows, 1), 160)
-        mask = torch.ones((rows, 1, 1, 161), dtype=torch.bool)
+        pos = torch.full((rows, 1), cols - 1)
+        mask = torch.ones((rows, 1, 1, cols), dtype=torch.bool)
         starts = torch.zeros(rows, dtype=torch.long)
         with torch.inference_mode():
             for i in range(steps + 3):
-                kv.rows, kv.write_col, kv.lo, kv.hi = slice(0, rows), 160, 0, 161
+                kv.rows, kv.write_col, kv.lo, kv.hi = slice(0, rows), cols - 1, 0, cols
                 # interleaved: the stack as the engine runs it (one C call where the formats allow), then the
                 # per-layer loop whose parts are timed below
                 fwd._plans = plans
@@ -98,7 +101,7 @@ def main() -> None:
                 fwd(ids, pos, mask, kv, False, starts)
                 one_call = time.perf_counter() - t0
                 fwd._plans = {}
-                kv.rows, kv.write_col, kv.lo, kv.hi = slice(0, rows), 160, 0, 161
+                kv.rows, kv.write_col, kv.lo, kv.hi = slice(0, rows), cols - 1, 0, cols
                 spent.clear()
                 t0 = time.perf_counter()
                 fwd(ids, pos, mask, kv, False, starts)

@@ -78,6 +78,9 @@ class TorchEngineConfig:
     kv_cache_fraction: float = 0.5
     retime_cpu_formats: bool = False
     """Time the CPU weight formats again instead of using the choice cached for this machine and model."""
+    kv_cache_dtype: str = "auto"
+    """`auto`: float16 on the CPU tuned path where the C kernels read it, else the model's dtype; `float32`: the
+    model's dtype there too."""
     weights_dtype: str = "auto"
     """CPU float32 models: linear-layer weight format, `auto` (measured per row count at load), fp32 (exact),
     bf16, int8 or int4 (see `cpu_weights`)."""
@@ -317,8 +320,20 @@ class TorchBackend:
                 kv_cache_fraction=settings.kv_cache_fraction,
                 retime_cpu_formats=settings.retime_cpu_formats,
                 weights_dtype=settings.weights_dtype,
+                kv_cache_dtype=settings.kv_cache_dtype,
             )
         )
+
+    def _kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's dtype (`kv_cache_dtype`): float16 where the CPU forward's C kernels read and write it."""
+        kernels = self._fast.kernels if self._fast is not None else None
+        if kernels is None or not kernels.kv_half or self.config.kv_cache_dtype == "float32":
+            if self.config.kv_cache_dtype == "float16" and model_dtype != torch.float16:
+                log.warning(
+                    "--kv-cache-dtype float16 needs the CPU tuned path and its C kernels: keeping %s", model_dtype
+                )
+            return model_dtype
+        return torch.float16
 
     # ---- Backend protocol (event-loop side) ----
 
@@ -418,7 +433,8 @@ class TorchBackend:
         kv_heads = int(getattr(text_cfg, "num_key_value_heads", None) or heads)
         head_dim = int(getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads)
         layers = int(text_cfg.num_hidden_layers)
-        cell_bytes = layers * 2 * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+        kv_dtype = self._kv_dtype(dtype)
+        cell_bytes = layers * 2 * kv_heads * head_dim * torch.empty(0, dtype=kv_dtype).element_size()
         budget = (
             cfg.kv_cache_mb * 2**20 if cfg.kv_cache_mb is not None else cfg.kv_cache_fraction * _free_memory(device)
         )
@@ -439,7 +455,7 @@ class TorchBackend:
             max_model_len=max_len, eos_token_ids=tuple(sorted(eos)), vocab_size=vocab, max_running=cfg.max_batch_size
         )
         self._sampler = Sampler(vocab, sorted(eos), self._device)
-        self._kv = _SlotKV(layers, kv_heads, head_dim, dtype, self._device)
+        self._kv = _SlotKV(layers, kv_heads, head_dim, kv_dtype, self._device)
         self._kv.max_rows = cfg.max_batch_size
         self._kv.max_cells = self._kv_cells
         self._prefix = _PrefixCache(cfg.prefix_cache_mb * 2**20)
@@ -447,11 +463,12 @@ class TorchBackend:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._dtype = dtype
         log.info(
-            "loaded %s in %.1fs: %s on %s, context %d, %d threads",
+            "loaded %s in %.1fs: %s on %s, KV cache %s, context %d, %d threads",
             model_path.name,
             time.monotonic() - t0,
             dtype,
             device,
+            str(kv_dtype).removeprefix("torch."),
             max_len,
             torch.get_num_threads(),
         )

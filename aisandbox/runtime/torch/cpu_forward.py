@@ -234,6 +234,7 @@ class CpuForward:
             qk = qk * cos + _rotate_half(qk) * sin
             qs, ks, vs = qk[:, :hq], qk[:, hq:], h[:, hq + hk :]
             keys, values = kv.update(ks, vs, i)
+            keys, values = keys.to(qs.dtype), values.to(qs.dtype)  # a float16 cache (kv_cache_dtype)
             a = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=hq != hk)
             x = x + layer.o(a.transpose(1, 2).reshape(rows, q, hq * d))
             gate, up = layer.gate_up(self._rms(x, layer.ln_post)).chunk(2, dim=-1)
@@ -279,6 +280,7 @@ class CpuForward:
             invalid = ~keep.reshape(n)
         scale = d**-0.5
         row0, eps = kv.rows.start, self.eps
+        half = int(kv.dtype == torch.float16)  # the cache holds float16 (kv_cache_dtype; the kernels convert)
         layers = self.layers
         plan = self._plans.get(self._body.fmt_for_rows(n)) if ours else None
         if plan is not None:
@@ -286,7 +288,7 @@ class CpuForward:
             ck.forward_layers(
                 plan, len(layers), ks, vs, self.norm.data_ptr(), x.data_ptr(), h.data_ptr(), qrot.data_ptr(),
                 out_ptr, cos.data_ptr(), sin.data_ptr(), kv.cols_cap, row0, kv.write_col, starts.data_ptr(),
-                None if valid is None else valid.data_ptr(), rows, q, hq, hk, d, dim, inter, eps, scale,
+                None if valid is None else valid.data_ptr(), rows, q, hq, hk, d, dim, inter, eps, scale, half,
             )  # fmt: skip
             layers = []  # the stack ran in C; h is the final norm of every position
         else:
@@ -297,13 +299,13 @@ class CpuForward:
             ck.rope_store_attend(
                 qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), kb.data_ptr(), vb.data_ptr(), kv.cols_cap, row0,
                 kv.write_col, starts.data_ptr(), None if valid is None else valid.data_ptr(), rows, q, hq, hk, d,
-                qrot.data_ptr(), out_ptr, scale,
+                qrot.data_ptr(), out_ptr, scale, half,
             )  # fmt: skip
             if not ours:
                 a = F.scaled_dot_product_attention(
                     qrot.transpose(1, 2),
-                    kb[kv.rows, :, kv.lo : kv.hi],
-                    vb[kv.rows, :, kv.lo : kv.hi],
+                    kb[kv.rows, :, kv.lo : kv.hi].float(),
+                    vb[kv.rows, :, kv.lo : kv.hi].float(),
                     attn_mask=mask,
                     enable_gqa=hq != hk,
                 )

@@ -55,13 +55,14 @@ _SIGNATURES = {
     "silu_mul": [_ptr, _ptr, _i64, _i64],
     "rope_store_attend": [
         _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _f32,
+        _i64,
     ],
     "q4_1_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "q4_1p_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "q4_1v_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "forward_layers": [
         _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64,
-        _i64, _i64, _i64, _i64, _i64, _f32, _f32,
+        _i64, _i64, _i64, _i64, _i64, _f32, _f32, _i64,
     ],
     "q8_0_matmul": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "q8_0v_matmul": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
@@ -89,6 +90,11 @@ class CpuKernels:
         self.q8_0_matmul = lib.q8_0_matmul
         self.q8_0v_matmul = lib.q8_0v_matmul
         self.q8_1_matmul = lib.q8_1_matmul
+        half = getattr(lib, "kv_half_supported", None)  # absent from a build of an older source
+        if half is not None:
+            half.restype = ctypes.c_int
+        self.kv_half = bool(half and half())
+        """Whether this build reads and writes a float16 KV cache (F16C); the caller allocates it then."""
 
 
 def _cpu_identity() -> str:

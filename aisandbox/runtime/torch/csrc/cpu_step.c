@@ -87,15 +87,34 @@ static inline void rope(const float *x, const float *c, const float *s, float *o
 }
 
 /* Attention of g query heads q [g, d] that share one KV head, over n cached columns K, V [n, d]: o [g, d], by
- * attend() below. p: scratch [g, n] for the scores. */
-static void scores_plain(const float *q, const float *K, int64_t n, int64_t g, int64_t d, float scale, float *p) {
+ * attend() below. p: scratch [g, n] for the scores. K and V hold float32, or float16 where the caller says `half`
+ * (the half-size KV cache: llama.cpp's default too; only builds with F16C read it, see kv_half_supported). */
+
+/* The KV cache holds float16 only in builds that convert in hardware (F16C: every AVX2 CPU has it). */
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define HALF_KV 1
+static inline float kv_at(const void *base, int64_t i, int half) {
+    return half ? _cvtsh_ss(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+#else
+#define HALF_KV 0
+static inline float kv_at(const void *base, int64_t i, int half) {
+    (void)half;
+    return ((const float *)base)[i];
+}
+#endif
+
+/* 1 where this build reads and writes a float16 KV cache (the caller then allocates one). */
+int kv_half_supported(void) { return HALF_KV; }
+
+static inline __attribute__((always_inline)) void scores_plain(const float *q, const void *K, int64_t n, int64_t g,
+                                                               int64_t d, float scale, float *p, int half) {
     for (int64_t j = 0; j < n; j++) { /* scores for the g heads, reading K once */
-        const float *k = K + j * d;
         for (int64_t h = 0; h < g; h++) {
             const float *qh = q + h * d;
             float s = 0.f;
-#pragma omp simd reduction(+ : s)
-            for (int64_t e = 0; e < d; e++) s += qh[e] * k[e];
+            for (int64_t e = 0; e < d; e++) s += qh[e] * kv_at(K, j * d + e, half);
             p[h * n + j] = s * scale;
         }
     }
@@ -117,14 +136,13 @@ static void softmax_rows(float *p, int64_t g, int64_t n) {
     }
 }
 
-static void weigh_plain(const float *p, const float *V, int64_t n, int64_t g, int64_t d, float *acc) {
-    memset(acc, 0, sizeof(float) * (size_t)(g * d));  /* acc: the output, [g, d] */
+static inline __attribute__((always_inline)) void weigh_plain(const float *p, const void *V, int64_t n, int64_t g,
+                                                              int64_t d, float *acc, int half) {
+    memset(acc, 0, sizeof(float) * (size_t)(g * d)); /* acc: the output, [g, d] */
     for (int64_t j = 0; j < n; j++) {
-        const float *v = V + j * d;
         for (int64_t h = 0; h < g; h++) {
             float w = p[h * n + j], *a = acc + h * d;
-#pragma omp simd
-            for (int64_t e = 0; e < d; e++) a[e] += w * v[e];
+            for (int64_t e = 0; e < d; e++) a[e] += w * kv_at(V, j * d + e, half);
         }
     }
 }
@@ -145,16 +163,26 @@ static inline __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
+/* Eight KV values from element i on, as float32. `half` is a constant once inlined. */
+static inline __attribute__((always_inline)) __m256 kv_load8(const void *base, int64_t i, int half) {
+#if HALF_KV
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + i)));
+#endif
+    (void)half;
+    return _mm256_loadu_ps((const float *)base + i);
+}
+
 /* Scores of heads h0..h0+hg-1 (hg <= 3, a constant once inlined) against columns j..j+3: twelve accumulators,
  * each column's K read once for all the heads, four sums reduced at once. d % 8 == 0. */
-static inline __attribute__((always_inline)) void scores4(const float *q, const float *K, int64_t n, int64_t d,
-                                                          float scale, float *p, int64_t h0, int hg, int64_t j) {
+static inline __attribute__((always_inline)) void scores4(const float *q, const void *K, int64_t n, int64_t d,
+                                                          float scale, float *p, int64_t h0, int hg, int64_t j,
+                                                          int half) {
     __m256 a[3][4];
     for (int h = 0; h < 3; h++)
         for (int c = 0; c < 4; c++) a[h][c] = _mm256_setzero_ps();
     for (int64_t e = 0; e < d; e += 8) {
         __m256 k[4];
-        for (int c = 0; c < 4; c++) k[c] = _mm256_loadu_ps(K + (j + c) * d + e);
+        for (int c = 0; c < 4; c++) k[c] = kv_load8(K, (j + c) * d + e, half);
         for (int h = 0; h < hg; h++) {
             __m256 qv = _mm256_loadu_ps(q + (h0 + h) * d + e);
             for (int c = 0; c < 4; c++) a[h][c] = _mm256_fmadd_ps(qv, k[c], a[h][c]);
@@ -165,14 +193,14 @@ static inline __attribute__((always_inline)) void scores4(const float *q, const 
 }
 
 /* acc[h0..h0+hg-1, e0..e0+31] = sum_j p[h, j] V[j, e]: twelve accumulators, each V row read once for the heads. */
-static inline __attribute__((always_inline)) void weigh32(const float *p, const float *V, int64_t n, int64_t d,
-                                                          float *acc, int64_t h0, int hg, int64_t e0) {
+static inline __attribute__((always_inline)) void weigh32(const float *p, const void *V, int64_t n, int64_t d,
+                                                          float *acc, int64_t h0, int hg, int64_t e0, int half) {
     __m256 a[3][4];
     for (int h = 0; h < 3; h++)
         for (int c = 0; c < 4; c++) a[h][c] = _mm256_setzero_ps();
     for (int64_t j = 0; j < n; j++) {
         __m256 v[4];
-        for (int c = 0; c < 4; c++) v[c] = _mm256_loadu_ps(V + j * d + e0 + 8 * c);
+        for (int c = 0; c < 4; c++) v[c] = kv_load8(V, j * d + e0 + 8 * c, half);
         for (int h = 0; h < hg; h++) {
             __m256 w = _mm256_broadcast_ss(p + (h0 + h) * n + j);
             for (int c = 0; c < 4; c++) a[h][c] = _mm256_fmadd_ps(w, v[c], a[h][c]);
@@ -188,14 +216,20 @@ static inline __m256 fold512(__m512 v) { /* the sum of the two 256-bit halves */
     return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 
-static inline __attribute__((always_inline)) void scores4w(const float *q, const float *K, int64_t n, int64_t d,
-                                                           float scale, float *p, int64_t h0, int hg, int64_t j) {
+static inline __attribute__((always_inline)) __m512 kv_load16(const void *base, int64_t i, int half) {
+    if (half) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i)));
+    return _mm512_loadu_ps((const float *)base + i);
+}
+
+static inline __attribute__((always_inline)) void scores4w(const float *q, const void *K, int64_t n, int64_t d,
+                                                           float scale, float *p, int64_t h0, int hg, int64_t j,
+                                                           int half) {
     __m512 a[3][4];
     for (int h = 0; h < 3; h++)
         for (int c = 0; c < 4; c++) a[h][c] = _mm512_setzero_ps();
     for (int64_t e = 0; e < d; e += 16) {
         __m512 k[4];
-        for (int c = 0; c < 4; c++) k[c] = _mm512_loadu_ps(K + (j + c) * d + e);
+        for (int c = 0; c < 4; c++) k[c] = kv_load16(K, (j + c) * d + e, half);
         for (int h = 0; h < hg; h++) {
             __m512 qv = _mm512_loadu_ps(q + (h0 + h) * d + e);
             for (int c = 0; c < 4; c++) a[h][c] = _mm512_fmadd_ps(qv, k[c], a[h][c]);
@@ -208,14 +242,14 @@ static inline __attribute__((always_inline)) void scores4w(const float *q, const
 }
 
 /* acc[h0..h0+hg-1, e0..e0+63] = sum_j p[h, j] V[j, e]. */
-static inline __attribute__((always_inline)) void weigh64(const float *p, const float *V, int64_t n, int64_t d,
-                                                          float *acc, int64_t h0, int hg, int64_t e0) {
+static inline __attribute__((always_inline)) void weigh64(const float *p, const void *V, int64_t n, int64_t d,
+                                                          float *acc, int64_t h0, int hg, int64_t e0, int half) {
     __m512 a[3][4];
     for (int h = 0; h < 3; h++)
         for (int c = 0; c < 4; c++) a[h][c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j++) {
         __m512 v[4];
-        for (int c = 0; c < 4; c++) v[c] = _mm512_loadu_ps(V + j * d + e0 + 16 * c);
+        for (int c = 0; c < 4; c++) v[c] = kv_load16(V, j * d + e0 + 16 * c, half);
         for (int h = 0; h < hg; h++) {
             __m512 w = _mm512_set1_ps(p[(h0 + h) * n + j]);
             for (int c = 0; c < 4; c++) a[h][c] = _mm512_fmadd_ps(w, v[c], a[h][c]);
@@ -226,23 +260,24 @@ static inline __attribute__((always_inline)) void weigh64(const float *p, const 
 }
 #endif
 
-static void attend(const float *q, const float *K, const float *V, int64_t n, int64_t g, int64_t d, float scale,
-                   float *p, float *o) {
+static inline __attribute__((always_inline)) void attend_kv(const float *q, const void *K, const void *V, int64_t n,
+                                                            int64_t g, int64_t d, float scale, float *p, float *o,
+                                                            int half) {
 #if defined(__AVX512F__)
     if (d % 64 == 0) {
         for (int64_t h0 = 0; h0 < g; h0 += 3) {
             const int hg = g - h0 < 3 ? (int)(g - h0) : 3;
             int64_t j = 0;
             for (; j + 4 <= n; j += 4) {
-                if (hg == 3) scores4w(q, K, n, d, scale, p, h0, 3, j);
-                else if (hg == 2) scores4w(q, K, n, d, scale, p, h0, 2, j);
-                else scores4w(q, K, n, d, scale, p, h0, 1, j);
+                if (hg == 3) scores4w(q, K, n, d, scale, p, h0, 3, j, half);
+                else if (hg == 2) scores4w(q, K, n, d, scale, p, h0, 2, j, half);
+                else scores4w(q, K, n, d, scale, p, h0, 1, j, half);
             }
             for (; j < n; j++)
                 for (int64_t h = h0; h < h0 + hg; h++) {
                     __m512 sv = _mm512_setzero_ps();
                     for (int64_t e = 0; e < d; e += 16)
-                        sv = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * d + e), _mm512_loadu_ps(K + j * d + e), sv);
+                        sv = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * d + e), kv_load16(K, j * d + e, half), sv);
                     p[h * n + j] = _mm512_reduce_add_ps(sv) * scale;
                 }
         }
@@ -250,33 +285,33 @@ static void attend(const float *q, const float *K, const float *V, int64_t n, in
         for (int64_t h0 = 0; h0 < g; h0 += 3) {
             const int hg = g - h0 < 3 ? (int)(g - h0) : 3;
             for (int64_t e0 = 0; e0 < d; e0 += 64) {
-                if (hg == 3) weigh64(p, V, n, d, o, h0, 3, e0);
-                else if (hg == 2) weigh64(p, V, n, d, o, h0, 2, e0);
-                else weigh64(p, V, n, d, o, h0, 1, e0);
+                if (hg == 3) weigh64(p, V, n, d, o, h0, 3, e0, half);
+                else if (hg == 2) weigh64(p, V, n, d, o, h0, 2, e0, half);
+                else weigh64(p, V, n, d, o, h0, 1, e0, half);
             }
         }
         return;
     }
 #endif
     if (d % 32 != 0) {
-        scores_plain(q, K, n, g, d, scale, p);
+        scores_plain(q, K, n, g, d, scale, p, half);
         softmax_rows(p, g, n);
-        weigh_plain(p, V, n, g, d, o);
+        weigh_plain(p, V, n, g, d, o, half);
         return;
     }
     for (int64_t h0 = 0; h0 < g; h0 += 3) {
         const int hg = g - h0 < 3 ? (int)(g - h0) : 3;
         int64_t j = 0;
         for (; j + 4 <= n; j += 4) {
-            if (hg == 3) scores4(q, K, n, d, scale, p, h0, 3, j);
-            else if (hg == 2) scores4(q, K, n, d, scale, p, h0, 2, j);
-            else scores4(q, K, n, d, scale, p, h0, 1, j);
+            if (hg == 3) scores4(q, K, n, d, scale, p, h0, 3, j, half);
+            else if (hg == 2) scores4(q, K, n, d, scale, p, h0, 2, j, half);
+            else scores4(q, K, n, d, scale, p, h0, 1, j, half);
         }
         for (; j < n; j++)
             for (int64_t h = h0; h < h0 + hg; h++) {
                 __m256 s = _mm256_setzero_ps();
                 for (int64_t e = 0; e < d; e += 8)
-                    s = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + e), _mm256_loadu_ps(K + j * d + e), s);
+                    s = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * d + e), kv_load8(K, j * d + e, half), s);
                 p[h * n + j] = hsum8(s) * scale;
             }
     }
@@ -284,18 +319,40 @@ static void attend(const float *q, const float *K, const float *V, int64_t n, in
     for (int64_t h0 = 0; h0 < g; h0 += 3) {
         const int hg = g - h0 < 3 ? (int)(g - h0) : 3;
         for (int64_t e0 = 0; e0 < d; e0 += 32) {
-            if (hg == 3) weigh32(p, V, n, d, o, h0, 3, e0);
-            else if (hg == 2) weigh32(p, V, n, d, o, h0, 2, e0);
-            else weigh32(p, V, n, d, o, h0, 1, e0);
+            if (hg == 3) weigh32(p, V, n, d, o, h0, 3, e0, half);
+            else if (hg == 2) weigh32(p, V, n, d, o, h0, 2, e0, half);
+            else weigh32(p, V, n, d, o, h0, 1, e0, half);
         }
     }
 }
 #else
-static void attend(const float *q, const float *K, const float *V, int64_t n, int64_t g, int64_t d, float scale,
-                   float *p, float *o) {
-    scores_plain(q, K, n, g, d, scale, p);
+static inline __attribute__((always_inline)) void attend_kv(const float *q, const void *K, const void *V, int64_t n,
+                                                            int64_t g, int64_t d, float scale, float *p, float *o,
+                                                            int half) {
+    scores_plain(q, K, n, g, d, scale, p, half);
     softmax_rows(p, g, n);
-    weigh_plain(p, V, n, g, d, o);
+    weigh_plain(p, V, n, g, d, o, half);
+}
+#endif
+
+/* One body each for a float32 and a float16 cache: `half` is a constant inside. */
+static void attend_f32(const float *q, const void *K, const void *V, int64_t n, int64_t g, int64_t d, float scale,
+                       float *p, float *o) {
+    attend_kv(q, K, V, n, g, d, scale, p, o, 0);
+}
+
+#if HALF_KV
+static void attend_f16(const float *q, const void *K, const void *V, int64_t n, int64_t g, int64_t d, float scale,
+                       float *p, float *o) {
+    attend_kv(q, K, V, n, g, d, scale, p, o, 1);
+}
+
+/* x [d] float32 -> out [d] float16, rounded to nearest. */
+static void to_half(const float *x, uint16_t *out, int64_t d) {
+    int64_t e = 0;
+    for (; e + 8 <= d; e += 8)
+        _mm_storeu_si128((__m128i *)(out + e), _mm256_cvtps_ph(_mm256_loadu_ps(x + e), _MM_FROUND_TO_NEAREST_INT));
+    for (; e < d; e++) out[e] = _cvtss_sh(x[e], _MM_FROUND_TO_NEAREST_INT);
 }
 #endif
 
@@ -303,7 +360,8 @@ static void attend(const float *q, const float *K, const float *V, int64_t n, in
  *
  * qkv: [R, Q, (hq + 2 hk) * d], the fused projection's output (q heads, then k heads, then v heads).
  * cos, sin: [R, Q, d] for each query's position.
- * kbuf, vbuf: the layer's cache [rows_cap, hk, cols_cap, d]; row r of this call is cache row row0 + r, and its
+ * kbuf, vbuf: the layer's cache [rows_cap, hk, cols_cap, d], float32, or float16 when kv_half (only where
+ *   kv_half_supported()); row r of this call is cache row row0 + r, and its
  *   query i sits at column write_col + i. start[r] is the row's first column: a query sees columns
  *   start[r] .. its own. A query is valid when its column is >= start[r] and valid (if given, [R, Q]) says so;
  *   an invalid one (left padding, or a position whose KV came from the prefix cache) stores nothing and
@@ -311,11 +369,13 @@ static void attend(const float *q, const float *K, const float *V, int64_t n, in
  * qout: [R, Q, hq, d], the rotated queries (for a caller that attends itself; always written).
  * out: [R, Q, hq * d] attention output, or NULL to store only.
  */
-void rope_store_attend(const float *qkv, const float *cos, const float *sin, float *kbuf, float *vbuf,
+void rope_store_attend(const float *qkv, const float *cos, const float *sin, void *kbuf, void *vbuf,
                        int64_t cols_cap, int64_t row0, int64_t write_col, const int64_t *start,
                        const uint8_t *valid, int64_t R, int64_t Q, int64_t hq, int64_t hk, int64_t d, float *qout,
-                       float *out, float scale) {
+                       float *out, float scale, int64_t kv_half) {
     const int64_t width = (hq + 2 * hk) * d;
+    const int half = HALF_KV && kv_half;
+    const size_t esize = half ? sizeof(uint16_t) : sizeof(float);
 #pragma omp parallel for collapse(2) if (R * Q > 1)
     for (int64_t r = 0; r < R; r++) {
         for (int64_t i = 0; i < Q; i++) {
@@ -326,8 +386,17 @@ void rope_store_attend(const float *qkv, const float *cos, const float *sin, flo
             if (!ok) continue;
             for (int64_t h = 0; h < hk; h++) {
                 int64_t at = (((row0 + r) * hk + h) * cols_cap + col) * d;
-                rope(src + (hq + h) * d, c, s, kbuf + at, d);
-                memcpy(vbuf + at, src + (hq + hk + h) * d, d * sizeof(float));
+#if HALF_KV
+                if (half) {
+                    float k[d];
+                    rope(src + (hq + h) * d, c, s, k, d);
+                    to_half(k, (uint16_t *)kbuf + at, d);
+                    to_half(src + (hq + hk + h) * d, (uint16_t *)vbuf + at, d);
+                    continue;
+                }
+#endif
+                rope(src + (hq + h) * d, c, s, (float *)kbuf + at, d);
+                memcpy((float *)vbuf + at, src + (hq + hk + h) * d, d * sizeof(float));
             }
         }
     }
@@ -348,9 +417,22 @@ void rope_store_attend(const float *qkv, const float *cos, const float *sin, flo
                         continue;
                     }
                     const int64_t lo = start[r], n = col + 1 - lo;
-                    const float *K = kbuf + (((row0 + r) * hk + kh) * cols_cap + lo) * d;
-                    const float *V = vbuf + (((row0 + r) * hk + kh) * cols_cap + lo) * d;
-                    attend(qout + (t * hq + kh * g) * d, K, V, n, g, d, scale, p, o);
+                    const size_t at = (size_t)((((row0 + r) * hk + kh) * cols_cap + lo) * d) * esize;
+                    const char *K = (const char *)kbuf + at, *V = (const char *)vbuf + at;
+                    /* The step streams every weight between two uses of a row's KV, so K and V come from memory:
+                     * ask for all of both now, so that the loads overlap (measured: 3.39 -> 2.86 ms for 16 rows x
+                     * 80 columns x 30 layers of SmolLM2 in float32). */
+                    for (size_t off = 0; off < (size_t)(n * d) * esize; off += 64) {
+                        __builtin_prefetch(K + off, 0, 2);
+                        __builtin_prefetch(V + off, 0, 2);
+                    }
+#if HALF_KV
+                    if (half) {
+                        attend_f16(qout + (t * hq + kh * g) * d, K, V, n, g, d, scale, p, o);
+                        continue;
+                    }
+#endif
+                    attend_f32(qout + (t * hq + kh * g) * d, K, V, n, g, d, scale, p, o);
                 }
             }
         }
@@ -1096,11 +1178,11 @@ static void linear(const Linear *l, const float *x, float *y, int64_t R) {
     }
 }
 
-void forward_layers(const Layer *layers, int64_t L, float *const *kbufs, float *const *vbufs,
+void forward_layers(const Layer *layers, int64_t L, void *const *kbufs, void *const *vbufs,
                     const float *final_norm, float *x, float *h, float *qrot, float *att, const float *cos,
                     const float *sin, int64_t cols_cap, int64_t row0, int64_t write_col, const int64_t *start,
                     const uint8_t *valid, int64_t R, int64_t Q, int64_t hq, int64_t hk, int64_t d, int64_t dim,
-                    int64_t inter, float eps, float scale) {
+                    int64_t inter, float eps, float scale, int64_t kv_half) {
     const int64_t n = R * Q;
     float *qkv = malloc(sizeof(float) * (size_t)(n * (hq + 2 * hk) * d));
     float *o = malloc(sizeof(float) * (size_t)(n * dim)), *down = malloc(sizeof(float) * (size_t)(n * dim));
@@ -1110,7 +1192,7 @@ void forward_layers(const Layer *layers, int64_t L, float *const *kbufs, float *
         const Layer *l = layers + i;
         linear(&l->qkv, h, qkv, n);
         rope_store_attend(qkv, cos, sin, kbufs[i], vbufs[i], cols_cap, row0, write_col, start, valid, R, Q, hq, hk, d,
-                          qrot, att, scale);
+                          qrot, att, scale, kv_half);
         linear(&l->o, att, o, n);
         add_rms_norm(x, o, l->ln_post, h, n, dim, eps);
         linear(&l->gate_up, h, gu, n);
