@@ -52,6 +52,7 @@ class _Timed:
 class _TimedKernels:
     def __init__(self, kernels: Any) -> None:
         self.path = kernels.path
+        self.kv_half = kernels.kv_half
         self.forward_layers = kernels.forward_layers  # the one-call step, timed whole
         for name in ("rms_norm", "add_rms_norm", "silu_mul", "rope_store_attend"):
             label = {"rms_norm": "norms", "add_rms_norm": "norms"}.get(name, name)
@@ -78,13 +79,17 @@ def main() -> None:
             object.__setattr__(layer, kind, _Timed(f"linear {kind}", getattr(layer, kind)))  # a frozen dataclass
     fwd.head = _Timed("output layer", fwd.head)
     plans = fwd._plans
-    kv = _SlotKV(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, torch.float32, torch.device("cpu"))
+    kv_dtype = torch.float16 if fwd.kernels.kv_half else torch.float32  # the engine's default cache
+    kv = _SlotKV(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, kv_dtype, torch.device("cpu"))
     kv.max_rows = 16
     kv.ensure(16, max(256, cols))
     for buf in kv.k + kv.v:
         buf.normal_()
     threads = torch.get_num_threads()
-    print(f"\nCPU flags: {' '.join(cpu_flags())}; {threads} threads; {steps} steps a row count; {cols} columns\n")
+    print(
+        f"\nCPU flags: {' '.join(cpu_flags())}; {threads} threads; {steps} steps a row count; {cols} columns;"
+        f" KV {kv_dtype}\n"
+    )
     for rows in (1, 16):
         per: dict[str, list[float]] = defaultdict(list)
         ids = torch.randint(100, 1000, (rows, 1))
