@@ -225,3 +225,29 @@ async def test_the_kv_budget_bounds_the_batch_and_refuses_what_never_fits(tiny_m
         assert eng.torch._kv.rows_cap * eng.torch._kv.cols_cap <= cells
     finally:
         await eng.shutdown()
+
+
+async def test_a_chunk_prefilled_prompt_feeds_the_prefix_cache(engine: Tapped, tiny_mistral_dir: Path) -> None:
+    """A long prompt prefilled in chunks leaves its blocks in the prefix cache, as a short one does: the same long
+    system prompt in the next request is then read from the cache instead of prefilled again (one step, not four
+    chunks), and gives the reference's tokens."""
+    system = [1] + [(11 * i) % 3000 + 10 for i in range(1, 64)]  # 64 tokens, four times the budget of 16
+    stage = engine.torch._stage_chunk
+    chunks = 0
+
+    def counting(*args: Any) -> None:
+        nonlocal chunks
+        chunks += 1
+        stage(*args)
+
+    engine.torch._stage_chunk = counting  # type: ignore[method-assign]
+    first = [*system, 5, 6, 7]
+    tokens, _ = await collect(engine, "first", first, greedy(4))
+    assert chunks >= 3 and tokens == reference_greedy(tiny_mistral_dir, first, 4)
+    chunks = 0
+    hits = engine.torch._prefix.hits
+    second = [*system, 8, 9, 10, 11]
+    tokens, _ = await collect(engine, "second", second, greedy(4))
+    assert engine.torch._prefix.hits - hits == 64  # every block of the system prompt (8 of 8 tokens each)
+    assert chunks == 0  # its 4 uncached tokens fit the budget: one prefill step
+    assert tokens == reference_greedy(tiny_mistral_dir, second, 4)

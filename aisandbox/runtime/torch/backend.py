@@ -120,6 +120,8 @@ class _Seq:
     """Prompt tokens already prefilled in chunks (chunked prefill), their KV in `staged_kv`."""
     staged_kv: torch.Tensor | None = None
     """[layers, 2, kv_heads, staged, head_dim]: the staged tokens' KV, written into the row at admission."""
+    staged_hit: int = 0
+    """Of the staged tokens, those the prefix cache held when staging began; the rest go into it at prefill."""
 
     @property
     def sampling(self) -> SamplingParams:
@@ -586,7 +588,7 @@ class TorchBackend:
                 if cached:
                     self._stage_kv.ensure(1, cached)
                     self._stage_kv.write_block(0, 0, torch.cat(blocks, dim=3))
-                seq.staged = cached
+                seq.staged = seq.staged_hit = cached
             kv, dev = self._stage_kv, self._device
             a = seq.staged
             b = min(a + budget, len(prompt) - 1)  # the last token runs in the real prefill: it gives the logits
@@ -651,6 +653,9 @@ class TorchBackend:
             (s.staged, [s.staged_kv]) if s.staged_kv is not None else (0, []) if e else self._prefix.lookup(p)
             for s, p, e in zip(group, prompts, echo, strict=True)
         ]
+        # What the prefix cache already holds of each prompt: a chunk-prefilled prompt's staged tokens it did not
+        # hold at staging go into it below like any other prefill's.
+        known = [s.staged_hit if s.staged_kv is not None else h[0] for s, h in zip(group, hits, strict=True)]
         for s in group:
             s.staged_kv = None
         cached = [h[0] for h in hits]
@@ -706,7 +711,7 @@ class TorchBackend:
                     except Exception as exc:  # this sequence's prompt logprobs only
                         seq.failed = f"the engine could not compute this request's prompt logprobs: {exc}"
             logits = logits[:, -1, :]
-        for i, (seq, c) in enumerate(zip(group, cached, strict=True)):
+        for i, (seq, c) in enumerate(zip(group, known, strict=True)):
             self._prefix.store(
                 prompts[i],
                 c,
