@@ -24,6 +24,27 @@ def test_env_round_trip(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     assert again == s and again.model_name == "x/y"
 
 
+def test_the_cpu_serve_flags_reach_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`aisandbox serve --kv-cache-dtype float32 ...` becomes the settings the gunicorn workers load again."""
+    import argparse
+
+    from aisandbox.runtime.torch.backend import TorchBackend
+    from aisandbox.serve import _settings, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--kv-cache-dtype", "float32", "--weights-dtype", "q4_1v", "--retime-cpu-formats"])
+    for key, value in settings_env(_settings(args)).items():
+        monkeypatch.setenv(key, value)
+    config = TorchBackend.from_settings(ServerSettings()).config
+    assert (config.kv_cache_dtype, config.weights_dtype, config.retime_cpu_formats) == ("float32", "q4_1v", True)
+    assert ServerSettings().kv_cache_dtype == "float32"
+    monkeypatch.delenv("AISANDBOX_KV_CACHE_DTYPE")
+    assert ServerSettings().kv_cache_dtype == "auto"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-cache-dtype", "fp8"])
+
+
 def test_engine_selects_trtllm_and_excludes_model(tmp_path: Path) -> None:
     assert ServerSettings(engine_dir=tmp_path).backend == "trtllm"
     with pytest.raises(ValidationError):
