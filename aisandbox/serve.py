@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument(
         "--weights-dtype",
-        choices=["auto", "fp32", "fp16", "bf16", "int8", "int4", "q4_1", "q4_1p", "q4_1v", "q4_1a8", "q8_1", "q8_0"],
+        choices=["auto", "fp32", "fp16", "bf16", "int8", "int4", "q4_1", "q4_1p", "q4_1v", "q8_1", "q8_0"],
         help="torch backend on CPU: linear weight format; auto measures (default), fp32 is exact",
     )
     p.add_argument(

@@ -44,9 +44,9 @@ class ServerSettings(BaseSettings):
     """torch backend device; auto picks CUDA when available."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """torch backend weights and KV dtype; auto is bfloat16 on CUDA and float32 on every CPU (the tuned path)."""
-    weights_dtype: Literal[
-        "auto", "fp32", "fp16", "bf16", "int8", "int4", "q4_1", "q4_1p", "q4_1v", "q4_1a8", "q8_1", "q8_0"
-    ] = "auto"
+    weights_dtype: Literal["auto", "fp32", "fp16", "bf16", "int8", "int4", "q4_1", "q4_1p", "q4_1v", "q8_1", "q8_0"] = (
+        "auto"
+    )
     """torch backend on CPU with float32: the linear layers' weight format. `auto` times each format on the
     model's own layer shapes at load and picks the fastest per batch size (the 4-bit one from the GGUF's own
     Q4_1 blocks for the default model); `fp32` keeps greedy output identical to transformers."""

@@ -534,9 +534,7 @@ def build_cpu_forward(
             # The output layer has no 4-bit source (the GGUF keeps it in 8 bits): 4 bits there cost greedy
             # agreement far more than in the body (measured: 0 of 32 prompts identical vs fp32, against 6 of 8).
             # Our kernels hold the GGUF's Q8_0 output layer as Q8_0 blocks, exactly.
-            # q4_1v and q4_1a8 (which need AVX2) take q8_0v, q8_0's sums in their panels.
-            vector = weights_dtype in ("q4_1v", "q4_1a8")
-            head = FormatChoice.every("int8" if weights_dtype == "int4" else "q8_0v" if vector else "q8_0")
+            head = FormatChoice.every("int8" if weights_dtype == "int4" else "q8_0")
     what = f"lean forward ({len(model.model.layers)} layers)" if lean else f"transformers' forward ({reason})"
     if lean:
         # fp32 everywhere is the exact mode (greedy output identical to transformers): PyTorch's ops only,

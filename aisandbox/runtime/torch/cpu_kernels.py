@@ -47,7 +47,7 @@ class Layer(ctypes.Structure):
                 ("down", Linear)]  # fmt: skip
 
 
-BLOCK_KINDS = {"q4_1": 0, "q8_1": 1, "q8_0": 2, "q4_1p": 3, "q4_1v": 4, "q4_1a8": 5}
+BLOCK_KINDS = {"q4_1": 0, "q8_1": 1, "q8_0": 2, "q4_1p": 3, "q4_1v": 4}
 """The block formats forward_layers runs, by the kind number its Linear takes."""
 _SIGNATURES = {
     "rms_norm": [_ptr, _ptr, _ptr, _i64, _i64, _f32],
@@ -60,7 +60,6 @@ _SIGNATURES = {
     "q4_1_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "q4_1p_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "q4_1v_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
-    "q4_1a8_matmul": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "forward_layers": [
         _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64,
         _i64, _i64, _i64, _i64, _i64, _f32, _f32, _i64,
@@ -87,7 +86,6 @@ class CpuKernels:
         self.q4_1_matmul = lib.q4_1_matmul
         self.q4_1p_matmul = lib.q4_1p_matmul
         self.q4_1v_matmul = lib.q4_1v_matmul
-        self.q4_1a8_matmul = lib.q4_1a8_matmul
         self.forward_layers = lib.forward_layers
         self.q8_0_matmul = lib.q8_0_matmul
         self.q8_0v_matmul = lib.q8_0v_matmul

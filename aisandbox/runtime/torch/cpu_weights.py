@@ -39,7 +39,6 @@ __all__ = [
     "BUCKETS",
     "FORMATS",
     "FROM_Q4",
-    "OPT_IN",
     "BucketedLinear",
     "FormatChoice",
     "Q4Weights",
@@ -55,10 +54,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMATS = ("fp32", "fp16", "bf16", "int8", "int4", "q4_1", "q4_1p", "q4_1v", "q8_1", "q8_0", "q8_0v")
-"""The formats `auto` may time."""
-OPT_IN = ("q4_1a8",)
-"""Formats only a pinned --weights-dtype uses: q4_1a8 rounds activations to 8 bits per block (llama.cpp's scheme)."""
-FROM_Q4 = ("int4", "q4_1", "q4_1p", "q4_1v", "q8_1", "q4_1a8")
+FROM_Q4 = ("int4", "q4_1", "q4_1p", "q4_1v", "q8_1")
 """The formats that hold a 4-bit source's values as they are (int4 with bf16 scales)."""
 BUCKETS = (1, 4, 8, 16, 64)
 """Rows (tokens) per call at which formats are timed; a call with r rows uses the bucket of the smallest
@@ -265,23 +261,6 @@ class _Q4_1V(_BlockLinear):
         super().__init__(kernels.q4_1v_matmul, n, k, qv, panels(q4.scale), panels(q4.low))
 
 
-class _Q4_1A8(_BlockLinear):
-    """Q4_1's values in panels of 16 outputs, two a byte (see csrc/cpu_step.c, q4_1a8), multiplied by activations
-    rounded to int8 per block of 32 with vpdpbusd: 64 multiply-adds an instruction, at 8 bits of activation
-    precision (llama.cpp's Q4_1 x Q8_1). Opt-in: `auto` never picks it."""
-
-    def __init__(self, q4: Q4Weights, kernels: CpuKernels) -> None:
-        n, k = q4.q.shape
-        # byte 4j + e of chunk c: low nibble q[16p + j, 8c + e], high nibble q[16p + j, 8c + 4 + e]
-        q = q4.q.view(n // 16, 16, k // 8, 2, 4).permute(0, 2, 1, 4, 3)  # [P, C, j, e, half]
-        qa = (q[..., 0] | (q[..., 1] << 4)).reshape(n // 16, k // 8, 64).contiguous()
-
-        def panels(v: torch.Tensor) -> torch.Tensor:
-            return v.float().view(n // 16, 16, k // GROUP).transpose(1, 2).contiguous()  # [N/16, K/32, 16]
-
-        super().__init__(kernels.q4_1a8_matmul, n, k, qa, panels(q4.scale), panels(q4.low))
-
-
 class _Q8_1(_BlockLinear):
     """Q4_1's layout one value per byte (u8, w = d * q + m per 32 columns): our C kernel. A Q4_1 source is held
     exactly (q in 0..15); any other weight gets 255 levels per block."""
@@ -335,12 +314,12 @@ def make_linear(fmt: str, weight: torch.Tensor, q4: Q4Weights | None = None) -> 
         return _Int8(weight)
     if fmt == "int4":
         return _Int4(q4 if q4 is not None else quantize_q4(weight))
-    if fmt in ("q4_1", "q4_1p", "q4_1v", "q4_1a8", "q8_1", "q8_0", "q8_0v"):
+    if fmt in ("q4_1", "q4_1p", "q4_1v", "q8_1", "q8_0", "q8_0v"):
         kernels = cpu_kernels.load()
         if kernels is None:
             raise ValueError(f"weight format {fmt} needs the C kernels, which cannot be built here")
-        if fmt in ("q4_1", "q4_1p", "q4_1v", "q4_1a8"):
-            cls = {"q4_1": _Q4_1, "q4_1p": _Q4_1P, "q4_1v": _Q4_1V, "q4_1a8": _Q4_1A8}[fmt]
+        if fmt in ("q4_1", "q4_1p", "q4_1v"):
+            cls = {"q4_1": _Q4_1, "q4_1p": _Q4_1P, "q4_1v": _Q4_1V}[fmt]
             return cls(q4 if q4 is not None else quantize_q4(weight), kernels)
         if fmt == "q8_0v":
             return _Q8_0V(weight, kernels)
@@ -359,9 +338,9 @@ def supports(fmt: str, n: int, k: int) -> bool:
             hasattr(torch.ops.quantized, "linear_prepack_fp16")
             and "fbgemm" in torch.backends.quantized.supported_engines
         )
-    if fmt in ("q4_1v", "q8_0v", "q4_1a8") and not {"avx2", "fma"} <= set(cpu_flags()):
+    if fmt in ("q4_1v", "q8_0v") and not {"avx2", "fma"} <= set(cpu_flags()):
         return False  # vector paths for AVX-512 and AVX2 (with AVX-VNNI where present); else a plain loop (tests)
-    if fmt in ("q4_1", "q4_1p", "q4_1v", "q4_1a8", "q8_1", "q8_0", "q8_0v"):
+    if fmt in ("q4_1", "q4_1p", "q4_1v", "q8_1", "q8_0", "q8_0v"):
         return (
             k % GROUP == 0
             and n % (4 if fmt in ("q4_1", "q8_1", "q8_0") else 16) == 0
@@ -391,14 +370,12 @@ class FormatChoice:
         return self.by_bucket[min(bisect.bisect_left(BUCKETS, rows), len(BUCKETS) - 1)]
 
     def formats(self) -> list[str]:
-        return sorted(set(self.by_bucket), key=(*FORMATS, *OPT_IN).index)
+        return sorted(set(self.by_bucket), key=FORMATS.index)
 
     def describe(self) -> str:
         parts = []
         for i, rows in enumerate(BUCKETS):
-            times = ", ".join(
-                f"{f} {self.timings_ms[(f, rows)]:.1f}" for f in (*FORMATS, *OPT_IN) if (f, rows) in self.timings_ms
-            )
+            times = ", ".join(f"{f} {self.timings_ms[(f, rows)]:.1f}" for f in FORMATS if (f, rows) in self.timings_ms)
             parts.append(f"rows<={rows}: {self.by_bucket[i]}" + (f" ({times} ms)" if times else ""))
         return "; ".join(parts)
 
@@ -437,7 +414,6 @@ def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
 
 BITS_PER_WEIGHT = {
     "fp32": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "int4": 5.0, "q4_1": 6.0, "q4_1p": 6.0, "q4_1v": 6.0,
-    "q4_1a8": 6.0,
     "q8_1": 10.0,
     "q8_0": 9.0,
     "q8_0v": 9.0,

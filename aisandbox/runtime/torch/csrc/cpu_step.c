@@ -1150,180 +1150,6 @@ void q8_0v_matmul(const int8_t *qp, const float *dp, const float *x, float *y, i
     free(sx);
 }
 
-/* ---- q4_1a8: Q4_1 weights x activations quantized to 8 bits per block of 32 (opt-in; llama.cpp's scheme) ----
- *
- * llama.cpp multiplies Q4_1 weights by activations rounded to int8 with a scale per block of 32 (its Q8_1):
- * vpdpbusd takes four u8 x s8 products a 32-bit lane, 64 multiply-adds an instruction with AVX-512, twice q4_1v's
- * int16 vpdpwssd. The cost is precision: an activation's error is up to 1/254 of its block's largest value (q4_1v's
- * int16 activations: 1/65534 of the row's), which kept 0 of 32 greedy continuations identical to float32 on SmolLM2
- * when measured with llama.cpp's own layout. Never chosen by `auto`; `--weights-dtype q4_1a8` pins it.
- *
- * y[r, n] = sum_b d[n, b] * dx[r, b] * (q[n, b] . qx[r, b]) + m[n, b] * sum(x[r, b]), the block sums of x exact.
- * qa: [N/16, K/8, 64] uint8: byte 4j + e of chunk c holds q[16p + j, 8c + e] in its low nibble and
- * q[16p + j, 8c + 4 + e] in its high one, so one load, a shift and two ands give two registers whose lane j holds
- * output j's four values of columns 8c..8c+3 and 8c+4..8c+7. dp, mp: [N/16, K/32, 16] float32, as q4_1v's.
- * N % 16 == 0, K % 32 == 0.
- */
-static void quantize_row_a8(const float *v, int8_t *xq, float *dx, float *sx, int64_t K) {
-    for (int64_t b = 0; b < K / 32; b++) {
-        const float *blk = v + b * 32;
-        float amax = 0.f, sum = 0.f;
-#pragma omp simd reduction(max : amax) reduction(+ : sum)
-        for (int j = 0; j < 32; j++) {
-            float a = fabsf(blk[j]);
-            amax = a > amax ? a : amax;
-            sum += blk[j];
-        }
-        const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-#pragma omp simd
-        for (int j = 0; j < 32; j++) xq[b * 32 + j] = (int8_t)lrintf(blk[j] * inv);
-        dx[b] = d;
-        sx[b] = sum;
-    }
-}
-
-#if defined(BLOCKS_512)
-#define A8_ROWS 16
-/* Up to 16 rows a pass over a panel: each row's int32 block sums in a register, the float sums in an L1 scratch. */
-static inline __attribute__((always_inline)) void a8_rows(const uint8_t *w, const float *dp, const float *mp,
-                                                          const int8_t *xq, const float *dx, const float *sx,
-                                                          float *y, int64_t K, int64_t N, int rows) {
-    const int64_t B = K / 32;
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    __attribute__((aligned(64))) float cm[A8_ROWS * 16];
-    for (int i = 0; i < rows; i++) _mm512_store_ps(cm + 16 * i, _mm512_setzero_ps());
-    for (int64_t b = 0; b < B; b++) {
-        __m512i t[A8_ROWS];
-        for (int i = 0; i < A8_ROWS; i++) t[i] = _mm512_setzero_si512();
-        for (int c = 0; c < 4; c++) {
-            const __m512i raw = _mm512_loadu_si512((const void *)(w + (b * 4 + c) * 64));
-            const __m512i wv[2] = {_mm512_and_si512(raw, low4), _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4)};
-            for (int h = 0; h < 2; h++)
-                for (int i = 0; i < rows; i++) {
-                    const int8_t *quad = xq + i * K + b * 32 + 8 * c + 4 * h; /* columns 8c + 4h .. + 3 of row i */
-#if defined(__AVX512VNNI__)
-                    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(t[i]) : "v"(wv[h]), "m"(*(const int32_t *)quad));
-#else
-                    int32_t v;
-                    memcpy(&v, quad, sizeof v);
-                    /* u8 x s8 pairs to int16 (at most 2 x 15 x 127: no saturation), then pairs to int32 */
-                    const __m512i p = _mm512_maddubs_epi16(wv[h], _mm512_set1_epi32(v));
-                    t[i] = _mm512_add_epi32(t[i], _mm512_madd_epi16(p, _mm512_set1_epi16(1)));
-#endif
-                }
-        }
-        const __m512 d = _mm512_loadu_ps(dp + b * 16), m = _mm512_loadu_ps(mp + b * 16);
-        for (int i = 0; i < rows; i++) {
-            const __m512 acc = _mm512_fmadd_ps(m, _mm512_set1_ps(sx[i * B + b]), _mm512_load_ps(cm + 16 * i));
-            const __m512 dd = _mm512_mul_ps(d, _mm512_set1_ps(dx[i * B + b]));
-            _mm512_store_ps(cm + 16 * i, _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[i]), dd, acc));
-        }
-    }
-    for (int i = 0; i < rows; i++) _mm512_storeu_ps(y + i * N, _mm512_load_ps(cm + 16 * i));
-}
-#define A8_CASES ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) \
-    ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15) ROWS(16)
-#elif defined(__AVX2__) && defined(__FMA__)
-/* 256-bit: a panel's 16 outputs are two registers (bytes 0-31 and 32-63 of a chunk); four rows a pass. */
-#define A8_ROWS 4
-static inline __attribute__((always_inline)) void a8_rows(const uint8_t *w, const float *dp, const float *mp,
-                                                          const int8_t *xq, const float *dx, const float *sx,
-                                                          float *y, int64_t K, int64_t N, int rows) {
-    const int64_t B = K / 32;
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
-    __attribute__((aligned(32))) float cm[A8_ROWS * 16];
-    for (int i = 0; i < rows * 2; i++) _mm256_store_ps(cm + 8 * i, _mm256_setzero_ps());
-    for (int64_t b = 0; b < B; b++) {
-        __m256i t[A8_ROWS][2];
-        for (int i = 0; i < A8_ROWS; i++) t[i][0] = t[i][1] = _mm256_setzero_si256();
-        for (int c = 0; c < 4; c++) {
-            __m256i wv[2][2]; /* [nibble half][outputs 0-7, 8-15] */
-            for (int o = 0; o < 2; o++) {
-                const __m256i raw = _mm256_loadu_si256((const __m256i *)(w + (b * 4 + c) * 64 + 32 * o));
-                wv[0][o] = _mm256_and_si256(raw, low4);
-                wv[1][o] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-            }
-            for (int h = 0; h < 2; h++)
-                for (int i = 0; i < rows; i++) {
-                    int32_t v;
-                    memcpy(&v, xq + i * K + b * 32 + 8 * c + 4 * h, sizeof v);
-                    const __m256i x4 = _mm256_set1_epi32(v);
-                    for (int o = 0; o < 2; o++) {
-#if defined(__AVXVNNI__)
-                        __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(t[i][o]) : "x"(wv[h][o]), "x"(x4));
-#else
-                        const __m256i p = _mm256_maddubs_epi16(wv[h][o], x4);
-                        t[i][o] = _mm256_add_epi32(t[i][o], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-#endif
-                    }
-                }
-        }
-        for (int o = 0; o < 2; o++) {
-            const __m256 d = _mm256_loadu_ps(dp + b * 16 + 8 * o), m = _mm256_loadu_ps(mp + b * 16 + 8 * o);
-            for (int i = 0; i < rows; i++) {
-                float *c8 = cm + 16 * i + 8 * o;
-                const __m256 acc = _mm256_fmadd_ps(m, _mm256_set1_ps(sx[i * B + b]), _mm256_load_ps(c8));
-                const __m256 dd = _mm256_mul_ps(d, _mm256_set1_ps(dx[i * B + b]));
-                _mm256_store_ps(c8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[i][o]), dd, acc));
-            }
-        }
-    }
-    for (int i = 0; i < rows; i++)
-        for (int o = 0; o < 2; o++) _mm256_storeu_ps(y + i * N + 8 * o, _mm256_load_ps(cm + 16 * i + 8 * o));
-}
-#define A8_CASES ROWS(1) ROWS(2) ROWS(3) ROWS(4)
-#endif
-
-void q4_1a8_matmul(const uint8_t *qa, const float *dp, const float *mp, const float *x, float *y, int64_t R,
-                   int64_t N, int64_t K) {
-    const int64_t B = K / 32;
-    int8_t *xq = malloc((size_t)(R * K));
-    float *dx = malloc(sizeof(float) * (size_t)(R * B)), *sx = malloc(sizeof(float) * (size_t)(R * B));
-    if (R < 8)
-        for (int64_t r = 0; r < R; r++) quantize_row_a8(x + r * K, xq + r * K, dx + r * B, sx + r * B, K);
-#pragma omp parallel
-    {
-        if (R >= 8) { /* as in q4_1v_matmul */
-#pragma omp for schedule(static)
-            for (int64_t r = 0; r < R; r++) quantize_row_a8(x + r * K, xq + r * K, dx + r * B, sx + r * B, K);
-        }
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < N / 16; p++) {
-            const uint8_t *q = qa + p * K * 8;
-            const float *dpp = dp + p * B * 16, *mpp = mp + p * B * 16;
-#if defined(A8_ROWS)
-            for (int64_t r = 0; r < R; r += A8_ROWS) {
-                float *yr = y + r * N + p * 16;
-                switch (R - r < A8_ROWS ? R - r : A8_ROWS) {
-#define ROWS(k) case k: a8_rows(q, dpp, mpp, xq + r * K, dx + r * B, sx + r * B, yr, K, N, k); break;
-                A8_CASES
-#undef ROWS
-                default: break;
-                }
-            }
-#else
-            for (int64_t r = 0; r < R; r++)
-                for (int j = 0; j < 16; j++) {
-                    float s = 0.f;
-                    for (int64_t b = 0; b < B; b++) {
-                        int32_t dot = 0;
-                        for (int64_t k = b * 32; k < b * 32 + 32; k++) {
-                            const int64_t c = (k % 32) / 8, e = k % 4, hi = (k % 8) / 4;
-                            const int32_t v = (q[(b * 4 + c) * 64 + 4 * j + e] >> (4 * hi)) & 15;
-                            dot += v * xq[r * K + k];
-                        }
-                        s += (float)dot * dpp[b * 16 + j] * dx[r * B + b] + mpp[b * 16 + j] * sx[r * B + b];
-                    }
-                    y[r * N + p * 16 + j] = s;
-                }
-#endif
-        }
-    }
-    free(xq);
-    free(dx);
-    free(sx);
-}
-
 /* ---- A whole decoder stack in one call, when every body layer of the call's row count is one of ours ----
  *
  * The same sequence as CpuForward._fused's loop (norm, qkv, rotary + KV store + attention, o, residual + norm,
@@ -1331,7 +1157,7 @@ void q4_1a8_matmul(const uint8_t *qa, const float *dp, const float *mp, const fl
  * each cost 2 to 7 microseconds, about a fifth of the step. h ends as the final norm of every position.
  */
 typedef struct {
-    int64_t kind; /* 0 q4_1, 1 q8_1, 2 q8_0, 3 q4_1p, 4 q4_1v, 5 q4_1a8 */
+    int64_t kind; /* 0 q4_1, 1 q8_1, 2 q8_0, 3 q4_1p, 4 q4_1v */
     int64_t n, k;
     const void *qs;
     const float *d, *m;
@@ -1348,7 +1174,6 @@ static void linear(const Linear *l, const float *x, float *y, int64_t R) {
     case 1: q8_1_matmul(l->qs, l->d, l->m, x, y, R, l->n, l->k); break;
     case 2: q8_0_matmul(l->qs, l->d, x, y, R, l->n, l->k); break;
     case 3: q4_1p_matmul(l->qs, l->d, l->m, x, y, R, l->n, l->k); break;
-    case 5: q4_1a8_matmul(l->qs, l->d, l->m, x, y, R, l->n, l->k); break;
     default: q4_1v_matmul(l->qs, l->d, l->m, x, y, R, l->n, l->k); break;
     }
 }
