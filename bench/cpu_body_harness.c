@@ -32,13 +32,20 @@ int main(int argc, char **argv) {
             for (int64_t i = 0; i < N * K; i++) q[l][j][i] = (uint8_t)(rand() & 15);
             d[l][j] = malloc(sizeof(float) * (size_t)(N * K / 32));
             m[l][j] = malloc(sizeof(float) * (size_t)(N * K / 32));
-            for (int64_t i = 0; i < N * K / 32; i++) d[l][j][i] = 0.01f, m[l][j][i] = -0.05f;
+            /* Bits that are normal numbers read as float32 (about +-1e-19) and as two float16 (+-0.0078), so that
+             * a kernel with either kind of scale computes on ordinary values. */
+            const uint32_t dbits = 0x20002000u, mbits = 0xA000A000u;
+            for (int64_t i = 0; i < N * K / 32; i++) {
+                memcpy(&d[l][j][i], &dbits, sizeof dbits);
+                memcpy(&m[l][j][i], &mbits, sizeof mbits);
+            }
         }
     double best = 1e9;
     for (int rep = 0; rep < 15; rep++) {
         const double t0 = now();
         for (int l = 0; l < L; l++)
-            for (int j = 0; j < 4; j++) KERNEL((void *)q[l][j], d[l][j], m[l][j], x, y, R, NK[j][0], NK[j][1]);
+            for (int j = 0; j < 4; j++)
+                KERNEL((void *)q[l][j], (void *)d[l][j], (void *)m[l][j], x, y, R, NK[j][0], NK[j][1]);
         const double t = now() - t0;
         best = t < best ? t : best;
     }

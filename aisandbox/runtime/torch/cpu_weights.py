@@ -103,11 +103,13 @@ class Q4Weights:
 
 
 def quantize_q4(w: torch.Tensor) -> Q4Weights:
-    """Asymmetric 4-bit quantization of a float weight [N, K] in groups of 32 (min and max of each group)."""
+    """Asymmetric 4-bit quantization of a float weight [N, K] in groups of 32 (min and max of each group), the
+    scale and minimum rounded to float16 as GGUF's Q4_1 keeps them (q4_1v stores them so)."""
     n, k = w.shape
     g = w.float().reshape(n, k // GROUP, GROUP)
     low, high = g.amin(-1), g.amax(-1)
-    scale = ((high - low) / 15).clamp(min=1e-12)
+    low = low.half().float()
+    scale = ((high - low) / 15).clamp(min=2**-14).half().float()  # float16's smallest normal step
     q = ((g - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
     return Q4Weights(q.reshape(n, k), scale, low)
 
@@ -255,8 +257,8 @@ class _Q4_1V(_BlockLinear):
         lanes = q[..., 0] | (q[..., 1] << 4) | (q[..., 2] << 8) | (q[..., 3] << 12)
         qv = lanes.reshape(n // 16, k // 8, 32).to(torch.uint16).contiguous()
 
-        def panels(v: torch.Tensor) -> torch.Tensor:
-            return v.float().view(n // 16, 16, k // GROUP).transpose(1, 2).contiguous()  # [N/16, K/32, 16]
+        def panels(v: torch.Tensor) -> torch.Tensor:  # [N/16, K/32, 16] float16: Q4_1's own (quantize_q4's too)
+            return v.half().view(n // 16, 16, k // GROUP).transpose(1, 2).contiguous()
 
         super().__init__(kernels.q4_1v_matmul, n, k, qv, panels(q4.scale), panels(q4.low))
 
@@ -413,12 +415,13 @@ def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
 
 
 BITS_PER_WEIGHT = {
-    "fp32": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "int4": 5.0, "q4_1": 6.0, "q4_1p": 6.0, "q4_1v": 6.0,
+    "fp32": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "int4": 5.0, "q4_1": 6.0, "q4_1p": 6.0, "q4_1v": 5.0,
     "q8_1": 10.0,
     "q8_0": 9.0,
     "q8_0v": 9.0,
 }  # fmt: skip
-"""Bytes read per weight x 8, scales included (int4: bf16 scale and zero per 32; q*: float32 per 32)."""
+"""Bytes read per weight x 8, scales included (int4: bf16 scale and zero per 32; q4_1v: float16 per 32; the other
+q*: float32 per 32)."""
 
 
 def measure_formats(
