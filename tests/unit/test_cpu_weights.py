@@ -90,6 +90,36 @@ def test_q4_1_blocks_read_as_gguf_does() -> None:
     assert (y - ref).abs().max() <= 3e-2 * ref.abs().max()
 
 
+def test_requantizing_a_gguf_layer_gives_back_its_values() -> None:
+    """quantize_q4 and q8_0 keep their scales (and Q4_1's minimum) in float16, as GGUF does: a layer that was Q4_1 or
+    Q8_0 comes back exactly, and q4_1v and q8_0v, which store them in float16, hold it exactly too."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import dequantize, quantize
+
+    from aisandbox.runtime.torch import cpu_kernels
+
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((N, K)) * 0.05).astype(np.float32)
+    w[0, :32] = 0.0  # a block of zeros
+    w[1, :32] *= 1e-5  # a block whose scale is a float16 subnormal
+    x = torch.randn(5, K)
+    for kind, fmts in ((gguf.GGMLQuantizationType.Q4_1, ("q4_1v",)), (gguf.GGMLQuantizationType.Q8_0, ("q8_0v",))):
+        theirs = torch.from_numpy(dequantize(quantize(w, kind), kind))
+        if kind == gguf.GGMLQuantizationType.Q4_1:
+            assert torch.equal(quantize_q4(theirs).dequantize(), theirs)
+        if cpu_kernels.load() is None:
+            continue
+        q8 = make_linear("q8_0", theirs)
+        if kind == gguf.GGMLQuantizationType.Q8_0:
+            qs, d = q8.weights
+            assert torch.equal((qs.float().view(N, -1, 32) * d[..., None]).view(N, K), theirs)
+        for fmt in fmts:
+            with torch.inference_mode():
+                y = make_linear(fmt, theirs)(x)
+            ref = x @ theirs.T
+            assert torch.isfinite(y).all() and (y - ref).abs().max() <= 1e-3 * ref.abs().max(), fmt
+
+
 def test_choice_per_bucket_from_injected_timings() -> None:
     t = {
         ("fp32", 1): 40.0, ("bf16", 1): 19.0, ("int8", 1): 17.0, ("int4", 1): 12.0,

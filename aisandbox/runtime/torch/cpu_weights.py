@@ -109,7 +109,7 @@ def quantize_q4(w: torch.Tensor) -> Q4Weights:
     g = w.float().reshape(n, k // GROUP, GROUP)
     low, high = g.amin(-1), g.amax(-1)
     low = low.half().float()
-    scale = ((high - low) / 15).clamp(min=2**-14).half().float()  # float16's smallest normal step
+    scale = ((high - low) / 15).clamp(min=2**-24).half().float()  # float16 keeps down to 2**-24 (subnormal)
     q = ((g - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
     return Q4Weights(q.reshape(n, k), scale, low)
 
@@ -285,7 +285,8 @@ class _Q8_0(_BlockLinear):
     def __init__(self, weight: torch.Tensor, kernels: CpuKernels) -> None:
         n, k = weight.shape
         g = weight.detach().float().reshape(n, k // GROUP, GROUP)
-        d = (g.abs().amax(-1) / 127).clamp(min=1e-12)
+        # The scale in float16, as GGUF's Q8_0 keeps it (so a GGUF's layer is held exactly; q8_0v stores it so).
+        d = (g.abs().amax(-1) / 127).clamp(min=2**-24).half().float()
         qs = (g / d[..., None]).round().clamp(-127, 127).to(torch.int8).reshape(n, k)
         super().__init__(kernels.q8_0_matmul, n, k, qs.contiguous(), d.contiguous())
 
@@ -299,7 +300,7 @@ class _Q8_0V(_BlockLinear):
         qs, d = q8.weights
         n, k = q8.n, q8.k
         qp = qs.view(n // 16, 16, k // 2, 2).transpose(1, 2).contiguous()  # [N/16, K/2, 16 outputs, 2 columns]
-        dp = d.view(n // 16, 16, k // GROUP).transpose(1, 2).contiguous()  # [N/16, K/32, 16]
+        dp = d.half().view(n // 16, 16, k // GROUP).transpose(1, 2).contiguous()  # [N/16, K/32, 16] float16
         super().__init__(kernels.q8_0v_matmul, n, k, qp, dp)
 
 
@@ -418,10 +419,10 @@ BITS_PER_WEIGHT = {
     "fp32": 32.0, "fp16": 16.0, "bf16": 16.0, "int8": 8.0, "int4": 5.0, "q4_1": 6.0, "q4_1p": 6.0, "q4_1v": 5.0,
     "q8_1": 10.0,
     "q8_0": 9.0,
-    "q8_0v": 9.0,
+    "q8_0v": 8.5,
 }  # fmt: skip
-"""Bytes read per weight x 8, scales included (int4: bf16 scale and zero per 32; q4_1v: float16 per 32; the other
-q*: float32 per 32)."""
+"""Bytes read per weight x 8, scales included (int4: bf16 scale and zero per 32; q4_1v, q8_0v: float16 per 32; the
+other q*: float32 per 32)."""
 
 
 def measure_formats(

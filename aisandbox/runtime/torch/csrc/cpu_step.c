@@ -931,17 +931,15 @@ static inline float half_to_float(uint16_t h) {
 
 #if defined(BLOCKS_512)
 #define V_ROWS 16
-static inline __attribute__((always_inline)) __m512 scales16(const void *p, int64_t i, int half) {
-    if (half) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
-    return _mm512_loadu_ps((const float *)p + i);
-}
+static inline __m512 scales16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 /* w: a panel's chunks (q4_1v), or (mp == NULL, q8_0v) its columns k, k+1 as pairs of signed bytes, [K/2, 32];
+ * dp, mp: the panel's float16 scales and minima.
  * mp NULL also drops the minimum's term. Up to 16 rows take one pass over the panel: their int32 sums fill 16
  * registers and the float32 sums wait in an L1 scratch between blocks (16 rows 8.6-9.9 -> 7.9-8.1 ms for the
  * body, 8 rows 5.0 -> 4.4, against 8 rows a pass with the float sums in registers). */
-static inline __attribute__((always_inline)) void v_rows(const void *w, const void *dp, const void *mp,
+static inline __attribute__((always_inline)) void v_rows(const void *w, const uint16_t *dp, const uint16_t *mp,
                                                          const int16_t *xq, const float *dx, const float *sxs,
-                                                         float *y, int64_t K, int64_t N, int rows, int half) {
+                                                         float *y, int64_t K, int64_t N, int rows) {
     const int64_t B = K / 32;
     const __m512i low4 = _mm512_set1_epi16(0x0F);
     __attribute__((aligned(64))) float cm[V_ROWS * 16];
@@ -976,12 +974,12 @@ static inline __attribute__((always_inline)) void v_rows(const void *w, const vo
 #endif
                 }
         }
-        const __m512 d = scales16(dp, b * 16, half);
+        const __m512 d = scales16(dp + b * 16);
         if (mp == NULL)
             for (int i = 0; i < rows; i++)
                 _mm512_store_ps(cm + 16 * i, _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[i]), d, _mm512_load_ps(cm + 16 * i)));
         else {
-            const __m512 m = scales16(mp, b * 16, half);
+            const __m512 m = scales16(mp + b * 16);
             for (int i = 0; i < rows; i++)
                 _mm512_store_ps(cm + 16 * i,
                                 _mm512_fmadd_ps(m, _mm512_set1_ps(sxs[i * B + b]),
@@ -994,25 +992,22 @@ static inline __attribute__((always_inline)) void v_rows(const void *w, const vo
 #define V_CASES ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) \
     ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15) ROWS(16)
 #elif defined(__AVX2__) && defined(__FMA__)
-static inline __attribute__((always_inline)) __m256 scales8(const void *p, int64_t i, int half) {
+static inline __m256 scales8(const uint16_t *p) {
 #if defined(__F16C__)
-    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 #else
-    if (half) {
-        float f[8];
-        for (int e = 0; e < 8; e++) f[e] = half_to_float(((const uint16_t *)p)[i + e]);
-        return _mm256_loadu_ps(f);
-    }
+    float f[8];
+    for (int e = 0; e < 8; e++) f[e] = half_to_float(p[e]);
+    return _mm256_loadu_ps(f);
 #endif
-    return _mm256_loadu_ps((const float *)p + i);
 }
 /* The same with 256-bit registers (AVX2; vpdpwssd where the CPU has AVX-VNNI, else vpmaddwd + vpaddd): a panel's
  * 16 outputs are two registers, lanes 0-15 and 16-31 of a chunk; with 16 registers, four rows a pass. */
 #define V_ROWS 4
 #define V_CASES ROWS(1) ROWS(2) ROWS(3) ROWS(4)
-static inline __attribute__((always_inline)) void v_rows(const void *w, const void *dp, const void *mp,
+static inline __attribute__((always_inline)) void v_rows(const void *w, const uint16_t *dp, const uint16_t *mp,
                                                          const int16_t *xq, const float *dx, const float *sxs,
-                                                         float *y, int64_t K, int64_t N, int rows, int half) {
+                                                         float *y, int64_t K, int64_t N, int rows) {
     const int64_t B = K / 32;
     const __m256i low4 = _mm256_set1_epi16(0x0F);
     __attribute__((aligned(32))) float cm[V_ROWS * 16];
@@ -1050,13 +1045,13 @@ static inline __attribute__((always_inline)) void v_rows(const void *w, const vo
             }
         }
         for (int h = 0; h < 2; h++) {
-            const __m256 d = scales8(dp, b * 16 + 8 * h, half);
+            const __m256 d = scales8(dp + b * 16 + 8 * h);
             if (mp == NULL)
                 for (int i = 0; i < rows; i++)
                     _mm256_store_ps(cm + 16 * i + 8 * h,
                                     _mm256_fmadd_ps(_mm256_cvtepi32_ps(t[i][h]), d, _mm256_load_ps(cm + 16 * i + 8 * h)));
             else {
-                const __m256 m = scales8(mp, b * 16 + 8 * h, half);
+                const __m256 m = scales8(mp + b * 16 + 8 * h);
                 for (int i = 0; i < rows; i++)
                     _mm256_store_ps(cm + 16 * i + 8 * h,
                                     _mm256_fmadd_ps(m, _mm256_set1_ps(sxs[i * B + b]),
@@ -1102,7 +1097,7 @@ void q4_1v_matmul(const uint16_t *qv, const uint16_t *dp, const uint16_t *mp, co
                 const int16_t *xr = xq + r * K;
                 float *yr = y + r * N + p * 16;
                 switch (R - r < V_ROWS ? R - r : V_ROWS) {
-#define ROWS(k) case k: v_rows(q, dpp, mpp, xr, dx + r, sx + r * B, yr, K, N, k, 1); break;
+#define ROWS(k) case k: v_rows(q, dpp, mpp, xr, dx + r, sx + r * B, yr, K, N, k); break;
                 V_CASES
 #undef ROWS
                 default: break;
@@ -1137,10 +1132,10 @@ void q4_1v_matmul(const uint16_t *qv, const uint16_t *dp, const uint16_t *mp, co
  * in the widened layout a signed byte each (no unpacking per call: they are bytes already), so a load and one
  * sign extension feed a vpdpwssd per row.
  *
- * qp: [N/16, K/2, 32] int8, qp[p][k/2][2j + (k & 1)] = q[16p + j, k]; dp: [N/16, K/32, 16] float32 (the scale of
- * output 16p + j over columns 32b..32b+31). N % 16 == 0, K % 32 == 0.
+ * qp: [N/16, K/2, 32] int8, qp[p][k/2][2j + (k & 1)] = q[16p + j, k]; dp: [N/16, K/32, 16] float16 (the scale of
+ * output 16p + j over columns 32b..32b+31, as GGUF's Q8_0 keeps it). N % 16 == 0, K % 32 == 0.
  */
-void q8_0v_matmul(const int8_t *qp, const float *dp, const float *x, float *y, int64_t R, int64_t N, int64_t K) {
+void q8_0v_matmul(const int8_t *qp, const uint16_t *dp, const float *x, float *y, int64_t R, int64_t N, int64_t K) {
     const int64_t B = K / 32;
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)(R * K));
     float *dx = malloc(sizeof(float) * (size_t)R), *sx = malloc(sizeof(float) * (size_t)(R * B));
@@ -1155,13 +1150,13 @@ void q8_0v_matmul(const int8_t *qp, const float *dp, const float *x, float *y, i
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < N / 16; p++) {
             const int8_t *q = qp + p * K * 16;
-            const float *dpp = dp + p * B * 16;
+            const uint16_t *dpp = dp + p * B * 16;
 #if defined(V_ROWS)
             for (int64_t r = 0; r < R; r += V_ROWS) {
                 const int16_t *xr = xq + r * K;
                 float *yr = y + r * N + p * 16;
                 switch (R - r < V_ROWS ? R - r : V_ROWS) {
-#define ROWS(k) case k: v_rows(q, dpp, NULL, xr, dx + r, NULL, yr, K, N, k, 0); break;
+#define ROWS(k) case k: v_rows(q, dpp, NULL, xr, dx + r, NULL, yr, K, N, k); break;
                 V_CASES
 #undef ROWS
                 default: break;
@@ -1174,7 +1169,7 @@ void q8_0v_matmul(const int8_t *qp, const float *dp, const float *x, float *y, i
                     for (int64_t b = 0; b < B; b++) {
                         int32_t dot = 0;
                         for (int64_t k = b * 32; k < b * 32 + 32; k++) dot += (int32_t)q[(k / 2) * 32 + 2 * j + (k & 1)] * xq[r * K + k];
-                        s += (float)dot * dpp[b * 16 + j];
+                        s += (float)dot * half_to_float(dpp[b * 16 + j]);
                     }
                     y[r * N + p * 16 + j] = s * dx[r];
                 }
