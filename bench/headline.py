@@ -73,6 +73,25 @@ def main(folder: Path) -> None:
         probes = [p.read_text().strip().removeprefix("probe: ") for p in starts if p.is_file()]
         if probes:
             print("  The machine's own speed before each start: " + "; ".join(probes) + ".")
+    longs = [folder / "long-aisandbox-http.json"] + sorted(folder.glob("long-aisandbox-http-*.json"))
+    longs = [f for f in longs if f.is_file()]
+    if longs:
+        points = [_at(load_result(f), "C=16") for f in longs]
+        figures = [p.output_throughput for p in points]
+        spread = (max(figures) - min(figures)) / min(figures)
+        print(
+            f"- C=16 over {points[0].completed} prompts (about {points[0].duration_s:.0f} s a point) on the same "
+            f"{len(figures)} starts: " + " / ".join(f"{f:.1f}" for f in figures) + f" output tokens/s, spread "
+            f"{spread:.1%} (< {MAX_RESTART_SPREAD:.0%}: {_verdict(spread < MAX_RESTART_SPREAD)})."
+        )
+        vllm_long = folder / "long-vllm-cpu.json"
+        if vllm_long.is_file():
+            theirs = _at(load_result(vllm_long), "C=16").output_throughput
+            print(
+                f"  Against vLLM-CPU's point of the same length: {figures[0] / theirs:.2f}x "
+                f"({figures[0]:.1f} vs {theirs:.1f}; >= {MIN_SPEEDUP_VS_VLLM:g}x: "
+                f"{_verdict(figures[0] / theirs >= MIN_SPEEDUP_VS_VLLM)})."
+            )
     peer_file = folder / "transformers-serve.json"
     if peer_file.is_file():
         peer = load_result(peer_file)

